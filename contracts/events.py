@@ -1,0 +1,162 @@
+"""Client <-> bridge wire (CONTRACT.md section 1): Socket.IO event payloads and acks."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import Field
+
+from contracts.backend import BackendLatency, ChatMessage, FinishReason, Usage
+from contracts.base import Id, Seq, Text, WireModel
+from contracts.errors import ErrorCode
+
+
+class ClientEvent(StrEnum):
+    JOIN_ROOM = "join_room"
+    LEAVE_ROOM = "leave_room"
+    SEND_MESSAGE = "send_message"
+    CANCEL_MESSAGE = "cancel_message"
+
+
+class ServerEvent(StrEnum):
+    NEW_MESSAGE = "new_message"
+    AI_MESSAGE_START = "ai_message_start"
+    AI_MESSAGE_CHUNK = "ai_message_chunk"
+    AI_MESSAGE_END = "ai_message_end"
+    AI_MESSAGE_ERROR = "ai_message_error"
+    MESSAGE_ACK = "message_ack"
+
+
+class Path(StrEnum):
+    """How a generation reached the room."""
+
+    STREAM = "stream"
+    FALLBACK = "fallback"
+    COMPLETE = "complete"
+
+
+# ---- client -> bridge ---------------------------------------------------------------------
+
+
+class JoinRoom(WireModel):
+    room_id: Id
+    character_id: Id | None = None
+
+
+class LeaveRoom(WireModel):
+    room_id: Id
+
+
+class SendMessage(WireModel):
+    room_id: Id
+    content: Text
+    character_id: Id | None = None
+    request_id: Id | None = None
+
+
+class CancelMessage(WireModel):
+    request_id: Id
+
+
+# ---- acks ---------------------------------------------------------------------------------
+
+
+class OkAck(WireModel):
+    ok: Literal[True] = True
+
+
+class ErrorAck(WireModel):
+    ok: Literal[False] = False
+    code: ErrorCode
+    message: str
+
+
+class JoinRoomAck(WireModel):
+    ok: Literal[True] = True
+    room_id: Id
+    in_flight: list[Id] = Field(default_factory=list)
+
+
+class SendAccepted(WireModel):
+    ok: Literal[True] = True
+    stage: Literal["accepted"] = "accepted"
+    request_id: Id
+    room_id: Id
+    message_id: Id | None
+    path: Literal[Path.STREAM, Path.COMPLETE]
+
+
+class SendRejected(WireModel):
+    ok: Literal[False] = False
+    stage: Literal["rejected"] = "rejected"
+    request_id: Id | None = None
+    code: ErrorCode
+    message: str
+
+
+class ConnectErrorData(WireModel):
+    """``data`` of a refused connection's ``connect_error``."""
+
+    code: ErrorCode
+    message: str
+
+
+# ---- bridge -> client ---------------------------------------------------------------------
+
+
+class NewMessage(WireModel):
+    room_id: Id
+    message: ChatMessage
+
+
+class AiMessageStart(WireModel):
+    request_id: Id
+    room_id: Id
+    message_id: Id
+
+
+class AiMessageChunk(WireModel):
+    request_id: Id
+    room_id: Id
+    message_id: Id
+    seq: Seq
+    chunk: Text
+
+
+class Latency(WireModel):
+    """Bridge timings in ms from the receipt of ``send_message``, plus the backend's stages."""
+
+    accepted_ms: float | None = None
+    first_chunk_ms: float | None = None
+    total_ms: float | None = None
+    backend: BackendLatency = Field(default_factory=BackendLatency)
+
+
+class AiMessageEnd(WireModel):
+    request_id: Id
+    room_id: Id
+    message_id: Id
+    content: Text
+    finish_reason: FinishReason
+    usage: Usage = Field(default_factory=Usage)
+    latency: Latency = Field(default_factory=Latency)
+
+
+class AiMessageError(WireModel):
+    request_id: Id
+    room_id: Id
+    message_id: Id | None = None
+    code: ErrorCode
+    message: str
+    retryable: bool
+
+
+class MessageAck(WireModel):
+    request_id: Id
+    room_id: Id
+    message_id: Id | None
+    stage: Literal["done"] = "done"
+    ok: bool
+    path: Path
+    code: ErrorCode | None = None
