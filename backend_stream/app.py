@@ -1,0 +1,153 @@
+"""The FastAPI application: services wired in the lifespan, errors answered as ``ErrorBody``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from backend_stream.errors import RequestRejected
+from backend_stream.listeners import EventFeed
+from backend_stream.metrics import Metrics
+from backend_stream.providers import Provider, make_provider
+from backend_stream.registry import GenerationRegistry
+from backend_stream.runner import GenerationRunner
+from backend_stream.settings import Settings
+from backend_stream.store import GenerationStore
+from contracts import HTTP_STATUS, ContractError, ErrorBody, ErrorCode
+
+log = structlog.get_logger("backend_stream.app")
+
+STATUS_CODES = {401: ErrorCode.UNAUTHORIZED, 403: ErrorCode.FORBIDDEN, 404: ErrorCode.NOT_FOUND}
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """What the handlers use; built once per process in the lifespan."""
+
+    settings: Settings
+    redis: Redis
+    store: GenerationStore
+    registry: GenerationRegistry
+    feed: EventFeed
+    metrics: Metrics
+    provider: Provider
+
+
+def error_response(
+    code: ErrorCode, message: str, status: int | None = None, retry_after_s: float | None = None
+) -> JSONResponse:
+    headers = {}
+    if retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, round(retry_after_s)))
+    body = ErrorBody(code=code, message=message).wire()
+    return JSONResponse(body, status_code=status or HTTP_STATUS[code], headers=headers)
+
+
+def build_services(settings: Settings, metrics: Metrics) -> Services:
+    if settings.redis_url is None:
+        raise ValueError("Settings.redis_url must be set (the launcher starts an embedded Redis)")
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.redis_timeout_s,
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+        decode_responses=True,
+    )
+    redis = Redis(connection_pool=pool)
+    store = GenerationStore(
+        redis,
+        buffer_ttl_s=settings.buffer_ttl_s,
+        idempotency_ttl_s=settings.idempotency_ttl_s,
+        history_cap=settings.history_cap,
+    )
+    provider = make_provider(settings)
+    runner = GenerationRunner(store=store, provider=provider, settings=settings, metrics=metrics)
+    registry = GenerationRegistry(store=store, runner=runner, metrics=metrics)
+    feed = EventFeed(store, settings)
+    return Services(settings, redis, store, registry, feed, metrics, provider)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The ASGI app; Redis and the provider are opened in its lifespan, closed at shutdown."""
+    from backend_stream.routes import router  # routes import Services from here
+
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = build_services(settings, metrics)
+        app.state.services = services
+        services.registry.start()
+        if settings.token_is_default:
+            log.warning("backend_token_default", hint="set BACKEND_TOKEN outside development")
+        log.info("backend_started", provider=services.provider.name, pid=os.getpid())
+        try:
+            yield
+        finally:
+            await services.registry.aclose()
+            await services.provider.aclose()
+            await services.redis.aclose()
+
+    app = FastAPI(title="backend_stream", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.include_router(router)
+    _install_error_handlers(app)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def on_contract_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ContractError)
+        status = getattr(exc, "status", None)
+        retry_after = getattr(exc, "retry_after_s", None)
+        _count(request, exc.code)
+        return error_response(exc.code, exc.message, status, retry_after)
+
+    async def on_validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        parts = [
+            f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', 'invalid')}"
+            for err in exc.errors()[:5]
+        ]
+        _count(request, ErrorCode.INVALID_PAYLOAD)
+        return error_response(ErrorCode.INVALID_PAYLOAD, "; ".join(parts) or "invalid request")
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        code = STATUS_CODES.get(exc.status_code, ErrorCode.INVALID_PAYLOAD)
+        if exc.status_code >= 500:
+            code = ErrorCode.INTERNAL
+        return error_response(code, str(exc.detail), exc.status_code)
+
+    async def on_redis_error(request: Request, exc: Exception) -> Response:
+        log.warning("redis_unavailable", error=type(exc).__name__)
+        _count(request, ErrorCode.BACKEND_UNAVAILABLE)
+        return error_response(ErrorCode.BACKEND_UNAVAILABLE, "storage unavailable")
+
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        log.error("unhandled_error", error=type(exc).__name__, exc_info=exc)
+        _count(request, ErrorCode.INTERNAL)
+        return error_response(ErrorCode.INTERNAL, "internal error")
+
+    app.add_exception_handler(ContractError, on_contract_error)
+    app.add_exception_handler(RequestRejected, on_contract_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(RedisError, on_redis_error)
+    app.add_exception_handler(Exception, on_unexpected)
+
+
+def _count(request: Request, code: ErrorCode) -> None:
+    services = getattr(request.app.state, "services", None)
+    if isinstance(services, Services):
+        services.metrics.errors.labels(code.value).inc()

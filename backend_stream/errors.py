@@ -1,0 +1,73 @@
+"""The service's error tree; every leaf knows its contract code, mapped once at the boundary.
+
+```
+BackendStreamError
+├── ProviderError              # the model failed; raised by providers, mapped from SDK errors
+│   ├── ModelTimeout (+TimeoutError)
+│   ├── ModelRateLimited       # carries retry_after_s
+│   └── ModelFailed            # 5xx, malformed stream, refused request
+└── GenerationTimeout (+TimeoutError)  # idle between tokens / total budget exceeded
+```
+Request errors (bad input, auth, not found) are ``contracts.ContractError``: they carry their code.
+"""
+
+from __future__ import annotations
+
+from contracts import ContractError, ErrorCode
+
+
+class BackendStreamError(Exception):
+    """Base of the errors this service raises; ``code`` is what goes on the wire."""
+
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def as_contract(self) -> ContractError:
+        return ContractError(self.code, self.message)
+
+
+class ProviderError(BackendStreamError):
+    code = ErrorCode.MODEL_ERROR
+
+
+class ModelTimeout(ProviderError, TimeoutError):
+    code = ErrorCode.MODEL_TIMEOUT
+
+
+class ModelRateLimited(ProviderError):
+    code = ErrorCode.RATE_LIMITED
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ModelFailed(ProviderError):
+    code = ErrorCode.MODEL_ERROR
+
+
+class GenerationTimeout(BackendStreamError, TimeoutError):
+    code = ErrorCode.STREAM_TIMEOUT
+
+
+class RequestRejected(ContractError):
+    """A request answered with an HTTP error before any stream starts.
+
+    ``status`` overrides ``contracts.HTTP_STATUS`` where the contract names a different one
+    (413 for an oversized body, 409 for an ambiguous requestId).
+    """
+
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(code, message)
+        self.status = status
+        self.retry_after_s = retry_after_s

@@ -1,0 +1,123 @@
+"""One generation's in-process state and its fan-out to the listeners of this process.
+
+Listeners in the generating process read ``chunks`` / ``frames`` by index and wait on a
+"changed" event that is swapped on every publish: a listener takes the current event *before*
+looking at the state, with no ``await`` in between, so it can never miss a publish nor see a
+chunk twice (one event loop, no threads). Listeners elsewhere read the Redis Stream instead
+(``listeners.py``). The object lives only while the generation runs; the registry drops it once
+the terminal entry is in Redis, so nothing here grows past one reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from backend_stream.store import GenKey
+from contracts import ContractError, ErrorCode, SseEvent, StreamStart
+
+PING_FRAME = b": ping\n\n"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One SSE event, framed once and shared by every listener."""
+
+    kind: SseEvent
+    frame: bytes
+    payload: dict[str, Any] | None = None  # start / end / error data, for non-SSE consumers
+    retry_after_s: float | None = None  # error events of a rate-limited model
+
+    def as_error(self) -> ContractError:
+        data = self.payload or {}
+        try:
+            code = ErrorCode(str(data.get("code")))
+        except ValueError:
+            code = ErrorCode.INTERNAL
+        return ContractError(code, str(data.get("message", "generation failed")))
+
+
+def frame(kind: SseEvent, data: bytes, event_id: int | None = None) -> bytes:
+    head = b"" if event_id is None else b"id: %d\n" % event_id
+    return head + b"event: " + kind.value.encode() + b"\ndata: " + data + b"\n\n"
+
+
+def chunk_event(seq: int, text: str) -> Event:
+    data = orjson.dumps({"seq": seq, "chunk": text})
+    return Event(SseEvent.CHUNK, frame(SseEvent.CHUNK, data, seq))
+
+
+def payload_event(
+    kind: SseEvent, payload: dict[str, Any], retry_after_s: float | None = None
+) -> Event:
+    return Event(kind, frame(kind, orjson.dumps(payload)), payload, retry_after_s)
+
+
+def start_event(start: StreamStart) -> Event:
+    return payload_event(SseEvent.START, start.wire())
+
+
+@dataclass(eq=False)
+class Generation:
+    """A running generation as its own process sees it."""
+
+    key: GenKey
+    attempt: int
+    start: StreamStart
+    received_at: float  # time.monotonic() when the starting request arrived
+    character_id: str | None = None
+    chunks: list[str] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    terminal: Event | None = None
+    opened: bool = False
+    cancel_requested: bool = False
+    wake: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def content(self) -> str:
+        return "".join(self.chunks)
+
+    def changed(self) -> asyncio.Event:
+        """The event set at the next publish; take it before reading the state."""
+        return self._changed
+
+    def publish_chunk(self, text: str) -> int:
+        seq = len(self.chunks)
+        self.chunks.append(text)
+        self.events.append(chunk_event(seq, text))
+        self._notify()
+        return seq
+
+    def publish_terminal(self, event: Event) -> None:
+        if self.terminal is None:
+            self.terminal = event
+            self._notify()
+
+    def mark_opened(self) -> None:
+        self.opened = True
+        self._notify()
+
+    def request_cancel(self, token: object) -> None:
+        if not self.cancel_requested and self.terminal is None:
+            self.cancel_requested = True
+            self.wake.put_nowait(token)
+
+    async def wait_opened(self, timeout_s: float) -> None:
+        """Until the model accepted the request or the generation ended (or ``timeout_s``)."""
+        async with asyncio.timeout(timeout_s):
+            while not self.opened and self.terminal is None:
+                await self.changed().wait()
+
+    async def wait_terminal(self, timeout_s: float) -> Event:
+        async with asyncio.timeout(timeout_s):
+            while self.terminal is None:
+                await self.changed().wait()
+            return self.terminal
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()

@@ -1,0 +1,44 @@
+"""Prometheus metrics of one backend process (a private registry, so apps in tests don't clash)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    """Counters the tests and the load tester read from ``/metrics``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.model_calls = Counter(
+            "backend_model_calls", "Model calls started", ["provider"], registry=r
+        )
+        self.generations = Counter(
+            "backend_generations", "Generations ended, by finish reason", ["finish"], registry=r
+        )
+        self.errors = Counter("backend_errors", "Errors answered, by code", ["code"], registry=r)
+        self.chunks = Counter("backend_chunks", "Chunks flushed", registry=r)
+        self.active_generations = Gauge(
+            "backend_active_generations", "Generations running in this process", registry=r
+        )
+        self.active_streams = Gauge(
+            "backend_active_streams", "SSE responses open on this process", registry=r
+        )
+        self.first_token = Histogram(
+            "backend_model_first_token_seconds",
+            "Request receipt to the model's first token",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.first_chunk = Histogram(
+            "backend_first_chunk_seconds",
+            "Request receipt to the first chunk published",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

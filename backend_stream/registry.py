@@ -1,0 +1,187 @@
+"""Starts generations (one task each, kept referenced) or attaches requests to existing ones.
+
+Idempotency per ``(userId, requestId)`` is decided by one atomic Lua claim in Redis, so a second
+request on any replica attaches instead of calling the model again. Cancels reach the replica
+that runs a generation through a Redis channel, and the ``cancel`` flag in the record covers the
+instant between a claim and the registration of its generation here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import structlog
+
+from backend_stream.generation import Generation
+from backend_stream.metrics import Metrics
+from backend_stream.runner import CANCEL, GenerationRunner
+from backend_stream.store import CANCEL_CHANNEL, ClaimOutcome, GenerationStore, GenKey, GenState
+from contracts import ChatMessage, ChatRequest, Role, StreamStart, utc_now_iso
+
+log = structlog.get_logger("backend_stream.registry")
+
+SHUTDOWN_TIMEOUT_S = 5.0
+PUBSUB_POLL_S = 1.0
+BACKOFF_MIN_S = 0.1
+BACKOFF_MAX_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """A request's handle on a generation: run here (``local``) or known from Redis (``meta``)."""
+
+    key: GenKey
+    start: StreamStart
+    attempt: int
+    attached: bool  # False only for the request that started this attempt
+    local: Generation | None = None
+    meta: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def state(self) -> GenState:
+        if self.local is not None:
+            return GenState.RUNNING
+        return GenState(self.meta.get("state", GenState.RUNNING))
+
+
+def start_from_meta(meta: dict[str, str]) -> StreamStart:
+    return StreamStart(
+        request_id=meta["requestId"],
+        room_id=meta["roomId"],
+        message_id=meta["messageId"],
+        user_message_id=meta["userMessageId"],
+    )
+
+
+class GenerationRegistry:
+    """This process's running generations and the cancel listener."""
+
+    def __init__(self, *, store: GenerationStore, runner: GenerationRunner, metrics: Metrics):
+        self._store = store
+        self._runner = runner
+        self._metrics = metrics
+        self._local: dict[GenKey, Generation] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._cancel_listener: asyncio.Task[None] | None = None
+
+    def __len__(self) -> int:
+        return len(self._local)
+
+    def start(self) -> None:
+        self._cancel_listener = asyncio.create_task(self._listen_for_cancels())
+
+    async def aclose(self) -> None:
+        """Cancel every generation (each stores a retryable error) and the cancel listener."""
+        tasks = list(self._tasks)
+        if self._cancel_listener is not None:
+            tasks.append(self._cancel_listener)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=SHUTDOWN_TIMEOUT_S)
+
+    async def start_or_attach(self, req: ChatRequest, received_at: float) -> Attachment:
+        key = GenKey(req.user_id, req.request_id)
+        local = self._local.get(key)
+        if local is not None:
+            return Attachment(key, local.start, local.attempt, attached=True, local=local)
+        outcome, meta = await self._store.claim(key, _new_record(req))
+        local = self._local.get(key)
+        if outcome is ClaimOutcome.EXISTING or local is not None:
+            start = local.start if local is not None else start_from_meta(meta)
+            attempt = local.attempt if local is not None else int(meta["attempt"])
+            return Attachment(key, start, attempt, attached=True, local=local, meta=meta)
+        gen = Generation(
+            key=key,
+            attempt=int(meta["attempt"]),
+            start=start_from_meta(meta),
+            received_at=received_at,
+            character_id=meta.get("characterId") or None,
+        )
+        user_message = None
+        if meta.get("userStored") != "1":
+            user_message = ChatMessage(
+                id=gen.start.user_message_id,
+                request_id=req.request_id,
+                role=Role.USER,
+                content=req.content,
+                user_id=req.user_id,
+                character_id=gen.character_id,
+                created_at=meta.get("createdAt") or utc_now_iso(),
+            )
+        self._local[key] = gen
+        task = asyncio.create_task(self._run(gen, req.content, user_message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return Attachment(key, gen.start, gen.attempt, attached=False, local=gen, meta=meta)
+
+    async def find(self, key: GenKey) -> Attachment | None:
+        """The generation for ``key`` as a resume sees it, or None when unknown or expired."""
+        local = self._local.get(key)
+        if local is not None:
+            return Attachment(key, local.start, local.attempt, attached=True, local=local)
+        meta = await self._store.get_meta(key)
+        if not meta or "messageId" not in meta:
+            return None
+        return Attachment(key, start_from_meta(meta), int(meta["attempt"]), True, meta=meta)
+
+    async def cancel(self, key: GenKey) -> str | None:
+        """``cancelling``, ``done`` (nothing left to stop) or None (unknown)."""
+        status = await self._store.request_cancel(key)
+        local = self._local.get(key)
+        if status == "cancelling" and local is not None:
+            local.request_cancel(CANCEL)
+        return status
+
+    async def _run(self, gen: Generation, content: str, user_message: ChatMessage | None) -> None:
+        self._metrics.active_generations.inc()
+        try:
+            await self._runner.run(gen, content, user_message)
+        finally:
+            if self._local.get(gen.key) is gen:
+                del self._local[gen.key]
+            self._metrics.active_generations.dec()
+
+    async def _listen_for_cancels(self) -> None:
+        backoff_s = BACKOFF_MIN_S
+        while True:
+            try:
+                async with self._store.redis.pubsub() as pubsub:
+                    await pubsub.subscribe(CANCEL_CHANNEL)
+                    backoff_s = BACKOFF_MIN_S
+                    while True:
+                        msg = await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=PUBSUB_POLL_S
+                        )
+                        if msg is not None:
+                            self._on_cancel_message(msg.get("data"))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # loop edge: log, back off with a cap, reconnect
+                log.warning("cancel_listener_error", error=type(exc).__name__)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, BACKOFF_MAX_S)
+
+    def _on_cancel_message(self, data: object) -> None:
+        key = GenKey.from_slug(data) if isinstance(data, str) else None
+        local = self._local.get(key) if key is not None else None
+        if local is not None:
+            local.request_cancel(CANCEL)
+
+
+def _new_record(req: ChatRequest) -> dict[str, str]:
+    return {
+        "state": GenState.RUNNING,
+        "attempt": "1",
+        "requestId": req.request_id,
+        "roomId": req.room_id,
+        "userId": req.user_id,
+        "characterId": req.character_id or "",
+        "messageId": f"m_{uuid.uuid4().hex}",
+        "userMessageId": f"u_{uuid.uuid4().hex}",
+        "createdAt": utc_now_iso(),
+        "startedAtMs": str(int(time.time() * 1000)),
+    }

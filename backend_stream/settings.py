@@ -1,0 +1,190 @@
+"""Settings of the backend service, read once from the environment by ``__main__``.
+
+Every knob has a ``DEFAULT_*`` constant and an environment variable; backend_stream/README.md has
+the table. Durations carry their unit in the name (``_ms`` / ``_s``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+from contracts import DEFAULT_MAX_CONTENT_CHARS
+
+DEV_BACKEND_TOKEN = "dev-backend-token"
+
+DEFAULT_PROVIDER = "scripted"
+DEFAULT_SCRIPTED_TTFT_MS = 300.0
+DEFAULT_SCRIPTED_TOKENS_PER_S = 30.0
+DEFAULT_SCRIPTED_REPLY_TOKENS = 40
+DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_OPENAI_MODEL = "gpt-4o-mini"
+DEFAULT_OPENAI_MAX_RETRIES = 0
+DEFAULT_MAX_OUTPUT_TOKENS = 512
+DEFAULT_HISTORY_MESSAGES = 10
+DEFAULT_HISTORY_CAP = 200
+DEFAULT_FLUSH_WINDOW_MS = 30.0
+DEFAULT_FIRST_TOKEN_TIMEOUT_S = 30.0
+DEFAULT_IDLE_TIMEOUT_S = 30.0
+DEFAULT_TOTAL_TIMEOUT_S = 300.0
+DEFAULT_BUFFER_TTL_S = 900
+DEFAULT_IDEMPOTENCY_TTL_S = 86_400
+DEFAULT_PING_INTERVAL_S = 15.0
+DEFAULT_REDIS_MAX_CONNECTIONS = 2000
+DEFAULT_REDIS_TIMEOUT_S = 5.0
+DEFAULT_SYSTEM_PROMPT = "You are a friendly chat character. Answer briefly."
+DEFAULT_LOG_LEVEL = "INFO"
+# JSON may spell one character as a 12-byte surrogate pair escape; leave room for the envelope.
+BODY_BYTES_PER_CHAR = 12
+BODY_OVERHEAD_BYTES = 4096
+MIN_MAX_BODY_BYTES = 65_536
+
+
+class ProviderName(StrEnum):
+    SCRIPTED = "scripted"
+    OPENAI = "openai"
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value the service cannot run with."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScriptedSettings:
+    ttft_ms: float = DEFAULT_SCRIPTED_TTFT_MS
+    tokens_per_s: float = DEFAULT_SCRIPTED_TOKENS_PER_S
+    reply_tokens: int = DEFAULT_SCRIPTED_REPLY_TOKENS
+    # Fault-injection directives in the user message ([[fail:429]] ...); off unless asked for.
+    directives: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class OpenAISettings:
+    base_url: str = DEFAULT_OPENAI_BASE_URL
+    api_key: str = ""
+    model: str = DEFAULT_OPENAI_MODEL
+    max_retries: int = DEFAULT_OPENAI_MAX_RETRIES
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything the service reads from its environment."""
+
+    redis_url: str | None = None
+    backend_token: str = DEV_BACKEND_TOKEN
+    token_is_default: bool = True
+    provider: ProviderName = ProviderName.SCRIPTED
+    scripted: ScriptedSettings = ScriptedSettings()
+    openai: OpenAISettings = OpenAISettings()
+    max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS
+    history_messages: int = DEFAULT_HISTORY_MESSAGES
+    history_cap: int = DEFAULT_HISTORY_CAP
+    flush_window_ms: float = DEFAULT_FLUSH_WINDOW_MS
+    max_content_chars: int = DEFAULT_MAX_CONTENT_CHARS
+    max_body_bytes: int = MIN_MAX_BODY_BYTES
+    first_token_timeout_s: float = DEFAULT_FIRST_TOKEN_TIMEOUT_S
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
+    total_timeout_s: float = DEFAULT_TOTAL_TIMEOUT_S
+    buffer_ttl_s: int = DEFAULT_BUFFER_TTL_S
+    idempotency_ttl_s: int = DEFAULT_IDEMPOTENCY_TTL_S
+    ping_interval_s: float = DEFAULT_PING_INTERVAL_S
+    redis_max_connections: int = DEFAULT_REDIS_MAX_CONNECTIONS
+    redis_timeout_s: float = DEFAULT_REDIS_TIMEOUT_S
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    log_level: str = DEFAULT_LOG_LEVEL
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        """Build settings from an environment mapping; raise ``SettingsError`` on bad values."""
+        env = _Env(environ)
+        token = environ.get("BACKEND_TOKEN") or ""
+        max_chars = env.integer("MAX_CONTENT_CHARS", DEFAULT_MAX_CONTENT_CHARS)
+        default_body = max(
+            MIN_MAX_BODY_BYTES, max_chars * BODY_BYTES_PER_CHAR + BODY_OVERHEAD_BYTES
+        )
+        return cls(
+            redis_url=environ.get("REDIS_URL") or None,
+            backend_token=token or DEV_BACKEND_TOKEN,
+            token_is_default=not token,
+            provider=env.choice("PROVIDER", ProviderName, DEFAULT_PROVIDER),
+            scripted=ScriptedSettings(
+                ttft_ms=env.number("SCRIPTED_TTFT_MS", DEFAULT_SCRIPTED_TTFT_MS),
+                tokens_per_s=env.number("SCRIPTED_TOKENS_PER_S", DEFAULT_SCRIPTED_TOKENS_PER_S),
+                reply_tokens=env.integer("SCRIPTED_REPLY_TOKENS", DEFAULT_SCRIPTED_REPLY_TOKENS),
+                directives=env.flag("SCRIPTED_DIRECTIVES", False),
+            ),
+            openai=OpenAISettings(
+                base_url=environ.get("OPENAI_BASE_URL") or DEFAULT_OPENAI_BASE_URL,
+                api_key=environ.get("OPENAI_API_KEY", ""),
+                model=environ.get("OPENAI_MODEL") or DEFAULT_OPENAI_MODEL,
+                max_retries=env.integer("OPENAI_MAX_RETRIES", DEFAULT_OPENAI_MAX_RETRIES),
+            ),
+            max_output_tokens=env.integer("MAX_OUTPUT_TOKENS", DEFAULT_MAX_OUTPUT_TOKENS, low=1),
+            history_messages=env.integer("HISTORY_MESSAGES", DEFAULT_HISTORY_MESSAGES),
+            history_cap=env.integer("HISTORY_CAP", DEFAULT_HISTORY_CAP, low=1),
+            flush_window_ms=env.number("FLUSH_WINDOW_MS", DEFAULT_FLUSH_WINDOW_MS),
+            max_content_chars=max_chars,
+            max_body_bytes=env.integer("MAX_BODY_BYTES", default_body, low=1024),
+            first_token_timeout_s=env.number(
+                "MODEL_FIRST_TOKEN_TIMEOUT_S", DEFAULT_FIRST_TOKEN_TIMEOUT_S, low=0.01
+            ),
+            idle_timeout_s=env.number("MODEL_IDLE_TIMEOUT_S", DEFAULT_IDLE_TIMEOUT_S, low=0.01),
+            total_timeout_s=env.number("MODEL_TOTAL_TIMEOUT_S", DEFAULT_TOTAL_TIMEOUT_S, low=0.01),
+            buffer_ttl_s=env.integer("GENERATION_BUFFER_TTL_S", DEFAULT_BUFFER_TTL_S, low=1),
+            idempotency_ttl_s=env.integer("IDEMPOTENCY_TTL_S", DEFAULT_IDEMPOTENCY_TTL_S, low=1),
+            ping_interval_s=env.number("SSE_PING_INTERVAL_S", DEFAULT_PING_INTERVAL_S, low=0.01),
+            redis_max_connections=env.integer(
+                "REDIS_MAX_CONNECTIONS", DEFAULT_REDIS_MAX_CONNECTIONS, low=2
+            ),
+            redis_timeout_s=env.number("REDIS_TIMEOUT_S", DEFAULT_REDIS_TIMEOUT_S, low=0.01),
+            system_prompt=environ.get("SYSTEM_PROMPT") or DEFAULT_SYSTEM_PROMPT,
+            log_level=(environ.get("LOG_LEVEL") or DEFAULT_LOG_LEVEL).upper(),
+        )
+
+
+class _Env:
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def _raw(self, name: str) -> str | None:
+        value = self._environ.get(name, "").strip()
+        return value or None
+
+    def integer(self, name: str, default: int, *, low: int = 0) -> int:
+        raw = self._raw(name)
+        try:
+            value = default if raw is None else int(raw)
+        except ValueError:
+            raise SettingsError(f"{name} must be an integer") from None
+        if value < low:
+            raise SettingsError(f"{name} must be >= {low}")
+        return value
+
+    def number(self, name: str, default: float, *, low: float = 0.0) -> float:
+        raw = self._raw(name)
+        try:
+            value = default if raw is None else float(raw)
+        except ValueError:
+            raise SettingsError(f"{name} must be a number") from None
+        if not value >= low:  # also rejects NaN
+            raise SettingsError(f"{name} must be >= {low}")
+        return value
+
+    def flag(self, name: str, default: bool) -> bool:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if raw.lower() in {"1", "true", "yes", "on"}:
+            return True
+        if raw.lower() in {"0", "false", "no", "off"}:
+            return False
+        raise SettingsError(f"{name} must be a boolean (1/0, true/false)")
+
+    def choice(self, name: str, enum: type[ProviderName], default: str) -> ProviderName:
+        raw = (self._raw(name) or default).lower()
+        try:
+            return enum(raw)
+        except ValueError:
+            allowed = ", ".join(e.value for e in enum)
+            raise SettingsError(f"{name} must be one of: {allowed}") from None

@@ -1,0 +1,149 @@
+"""``python -m bridge`` (console script ``chat-bridge``): serve, flags, stack, token, client.
+
+    python -m bridge [--host H] [--port P]            serve (settings from the environment)
+    python -m bridge flags show                       print the live flags (Redis over env)
+    python -m bridge flags set enabled=true percent=25 allow_users=a,b allow_roles=internal,admin
+                               deny_users=c fallback=true
+    python -m bridge flags reset                      drop every override (env defaults again)
+    python -m bridge stack [--host H] [--port P]      Redis + backend + bridge, prints READY {...}
+    python -m bridge token USER [--roles a,b] [--ttl-s N]   a JWT signed with JWT_SECRET
+    python -m bridge client --url URL (--token T | --user U) --room R   a terminal client
+
+The only module that reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from redis.asyncio import Redis
+
+from bridge.logs import configure
+from bridge.settings import DEV_JWT_SECRET, Settings, SettingsError
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+COMMANDS = ("flags", "stack", "token", "client")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = args[0] if args and args[0] in COMMANDS else "serve"
+    rest = args[1:] if command != "serve" else args
+    try:
+        settings = Settings.from_env(os.environ)
+    except SettingsError as exc:
+        print(f"bridge: {exc}", file=sys.stderr)
+        return 2
+    configure(settings.log_level)
+    if command == "flags":
+        return _flags(rest, settings)
+    if command == "token":
+        return _token(rest)
+    if command == "client":
+        from bridge.client import main as client_main
+
+        return int(client_main(rest))
+    parser = argparse.ArgumentParser(prog=f"bridge {command}".strip())
+    parser.add_argument("--host", default=DEFAULT_HOST)
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parsed = parser.parse_args(rest)
+    if command == "stack":
+        from bridge.stack import run_stack
+
+        return run_stack(parsed.host, parsed.port, os.environ)
+    return _serve(parsed.host, parsed.port, settings)
+
+
+def _serve(host: str, port: int, settings: Settings) -> int:
+    from bridge.app import Bridge
+    from contracts.redis_server import EmbeddedRedis
+
+    if settings.jwt_secret is None and not settings.insecure_dev_auth:
+        print(
+            "bridge: set JWT_SECRET (or BRIDGE_INSECURE_DEV_AUTH=1 for development)",
+            file=sys.stderr,
+        )
+        return 2
+    embedded = None
+    redis_url = settings.redis_url
+    if redis_url is None:
+        embedded = EmbeddedRedis().start()
+        redis_url = embedded.url
+        print(f"bridge: no REDIS_URL, using an embedded Redis at {redis_url}", file=sys.stderr)
+    try:
+        _run(Bridge(settings, redis_url=redis_url).serve(host, port))
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+def _run(coro: object) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)  # type: ignore[arg-type]
+    except ImportError:
+        asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def _flags(rest: list[str], settings: Settings) -> int:
+    from bridge.flags import FlagStore, describe
+
+    parser = argparse.ArgumentParser(prog="bridge flags")
+    parser.add_argument("action", choices=["show", "set", "reset"])
+    parser.add_argument("changes", nargs="*", help="name=value pairs (set)")
+    parsed = parser.parse_args(rest)
+    if settings.redis_url is None:
+        print("bridge flags: set REDIS_URL", file=sys.stderr)
+        return 2
+    changes: dict[str, str] = {}
+    for pair in parsed.changes:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            print(f"bridge flags: expected name=value, got {pair!r}", file=sys.stderr)
+            return 2
+        changes[name.strip()] = value
+
+    async def act() -> dict[str, object]:
+        redis = Redis.from_url(settings.redis_url or "", decode_responses=True)
+        try:
+            store = FlagStore(redis, settings.flags, refresh_s=settings.flags_refresh_s)
+            if parsed.action == "set":
+                return describe(await store.set(changes))
+            if parsed.action == "reset":
+                return describe(await store.reset())
+            return describe(await store.load())
+        finally:
+            await redis.aclose()
+
+    try:
+        print(json.dumps(asyncio.run(act()), indent=2))
+    except ValueError as exc:
+        print(f"bridge flags: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _token(rest: list[str]) -> int:
+    from bridge.auth import make_token
+
+    parser = argparse.ArgumentParser(prog="bridge token")
+    parser.add_argument("user")
+    parser.add_argument("--roles", default="")
+    parser.add_argument("--ttl-s", type=int, default=3600)
+    parsed = parser.parse_args(rest)
+    secret = os.environ.get("JWT_SECRET") or DEV_JWT_SECRET
+    roles = [r for r in parsed.roles.split(",") if r]
+    print(make_token(secret, parsed.user, roles=roles, ttl_s=parsed.ttl_s))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

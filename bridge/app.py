@@ -1,0 +1,210 @@
+"""Composition of one bridge process: Redis, upstream pool, flags, rooms, Socket.IO, probes.
+
+``Bridge.serve`` runs the ASGI app under uvicorn (uvloop, httptools, websockets) with
+``/socket.io`` for clients and ``/healthz``, ``/readyz``, ``/metrics`` for probes and scrapers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+import uvicorn
+from redis.asyncio import Redis
+
+from bridge.auth import Authenticator
+from bridge.errors import StoreError
+from bridge.flags import FlagStore
+from bridge.handlers import ChatHandlers
+from bridge.metrics import Metrics
+from bridge.rooms import RoomRegistry
+from bridge.settings import Settings
+from bridge.sio import SocketServer
+from bridge.upstream import HttpUpstream
+
+log = structlog.get_logger("bridge.app")
+
+HEARTBEAT_INTERVAL_S = 5.0
+REDIS_MAX_CONNECTIONS = 512
+REDIS_TIMEOUT_S = 5.0
+GRACEFUL_SHUTDOWN_S = 5
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class Bridge:
+    """One bridge process: build with settings and a Redis URL, then ``serve``."""
+
+    def __init__(self, settings: Settings, *, redis_url: str) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.redis: Redis = Redis.from_url(
+            redis_url,
+            decode_responses=True,
+            max_connections=REDIS_MAX_CONNECTIONS,
+            socket_timeout=REDIS_TIMEOUT_S,
+            socket_connect_timeout=REDIS_TIMEOUT_S,
+        )
+        self.upstream = HttpUpstream(
+            base_url=settings.backend_url,
+            token=settings.backend_token,
+            timeouts=settings.timeouts,
+            max_connections=settings.upstream_max_connections,
+        )
+        self.flags = FlagStore(self.redis, settings.flags, refresh_s=settings.flags_refresh_s)
+        auth = Authenticator(secret=settings.jwt_secret, insecure_dev=settings.insecure_dev_auth)
+        self._handlers: ChatHandlers | None = None
+        self.server = SocketServer(
+            redis_url=redis_url,
+            channel=settings.channel,
+            socket_max_queue=settings.socket_max_queue,
+            cors_origins=settings.cors_origins,
+            on_connect=lambda sid, environ, a: self.handlers.connect(sid, environ, a),
+            on_disconnect=lambda sid: self.handlers.disconnect(sid),
+        )
+        self.rooms = RoomRegistry(
+            self.redis,
+            host_id=self.server.host_id,
+            inflight_ttl_s=int(settings.timeouts.total_s) + 60,
+            rate_limit=settings.rate_limit,
+            rate_window_s=settings.rate_window_s,
+        )
+        self._handlers = ChatHandlers(
+            settings=settings, auth=auth, rooms=self.rooms, flags=self.flags,
+            upstream=self.upstream, metrics=self.metrics,
+        )  # fmt: skip
+        self._handlers.bind(self.server)
+        self.metrics.bind(sockets=self.server.connected, kicks=lambda: self.server.kicks)
+        self._background: list[asyncio.Task[None]] = []
+        self._redis_ok = False
+        self._uvicorn: uvicorn.Server | None = None
+
+    @property
+    def handlers(self) -> ChatHandlers:
+        assert self._handlers is not None
+        return self._handlers
+
+    def request_exit(self) -> None:
+        """Stop ``serve`` as SIGTERM would (tests and embedders)."""
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
+
+    def ready(self) -> bool:
+        return self.flags.loaded and self._redis_ok
+
+    async def start(self) -> None:
+        try:
+            await self.flags.load()
+            await self.rooms.heartbeat()
+            self._redis_ok = True
+        except StoreError as exc:
+            log.warning("redis_unavailable_at_start", error=str(exc))
+        self._background = [
+            asyncio.create_task(self.flags.poll_forever()),
+            asyncio.create_task(self._heartbeat_forever()),
+        ]
+        if self.settings.insecure_dev_auth:
+            log.warning("insecure_dev_auth_enabled", detail="auth.userId is trusted without token")
+
+    async def stop(self) -> None:
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        local_rooms = self.server.local_rooms()
+        await self.server.shutdown()
+        try:
+            await self.rooms.retire(local_rooms)
+        except StoreError:
+            pass
+        await self.upstream.aclose()
+        await self.redis.aclose()
+
+    async def _heartbeat_forever(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+            try:
+                await self.rooms.heartbeat()
+                self._redis_ok = True
+            except StoreError:
+                self._redis_ok = False
+                log.warning("heartbeat_failed")
+
+    def asgi(self) -> Any:
+        return self.server.asgi_app(self._probe_app)
+
+    async def _probe_app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                kind = message["type"].rsplit(".", 1)[-1]
+                await send({"type": f"lifespan.{kind}.complete"})
+                if kind == "shutdown":
+                    return
+        if scope["type"] != "http":
+            return
+        path = scope.get("path", "")
+        if path == "/healthz":
+            await _reply(send, 200, b'{"status":"ok"}')
+        elif path == "/readyz":
+            ok = self.ready()
+            body = json.dumps({"ready": ok, "redis": self._redis_ok}).encode()
+            await _reply(send, 200 if ok else 503, body)
+        elif path == "/metrics":
+            await _reply(send, 200, self.metrics.render(), "text/plain; version=0.0.4")
+        else:
+            await _reply(send, 404, b'{"error":"not found"}')
+
+    async def serve(
+        self, host: str, port: int, *, on_ready: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
+        """Run until SIGINT/SIGTERM; ``on_ready`` runs once the port accepts connections."""
+        config = uvicorn.Config(
+            self.asgi(),
+            host=host,
+            port=port,
+            lifespan="off",
+            interface="asgi3",
+            access_log=False,
+            log_level="warning",
+            http="httptools",
+            ws="websockets-sansio",
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+            backlog=4096,
+        )
+        server = self._uvicorn = uvicorn.Server(config)
+        await self.start()
+        watcher = asyncio.create_task(_when_started(server, on_ready))
+        try:
+            await server.serve()
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+            await self.stop()
+
+
+async def _when_started(
+    server: uvicorn.Server, on_ready: Callable[[], Awaitable[None]] | None
+) -> None:
+    while not server.started:  # noqa: ASYNC110 - uvicorn exposes no "started" event
+        await asyncio.sleep(0.02)
+    log.info("bridge_listening")
+    if on_ready is not None:
+        await on_ready()
+
+
+async def _reply(
+    send: Send, status: int, body: bytes, content_type: str = "application/json"
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", content_type.encode()), (b"cache-control", b"no-store")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,352 @@
+"""Socket.IO event handlers: connect, join/leave, send, cancel (CONTRACT.md section 1).
+
+Every handler validates its payload with the contract models (``contracts.parse``), answers
+every failure with its code in the ack, and never lets an exception escape to python-socketio
+(``SocketServer.dispatch`` is the last guard). ``send_message`` returns at once: the relay
+task acks when the backend's stream opens (or the fallback request is sent).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import structlog
+
+from bridge import payloads
+from bridge.auth import Authenticator, AuthError, Identity
+from bridge.errors import PayloadError, StoreError, UpstreamError, UpstreamHttpError
+from bridge.fanout import CHUNK, START
+from bridge.flags import FlagStore, decide
+from bridge.metrics import Metrics
+from bridge.relay import Outcome, Relay, RelayJob
+from bridge.rooms import InFlight, RoomRegistry
+from bridge.settings import Settings
+from bridge.sinks import RoomSink, follow, run_complete
+from bridge.sio import AckFn, Refused, SocketServer
+from bridge.upstream import Upstream
+from contracts import (
+    CancelMessage,
+    ChatRequest,
+    ContractError,
+    ErrorCode,
+    JoinRoom,
+    LeaveRoom,
+    Path,
+    SendMessage,
+    WireModel,
+    check_content,
+    parse,
+)
+
+M = TypeVar("M", bound=WireModel)
+
+log = structlog.get_logger("bridge.handlers")
+
+MAX_FOLLOWERS_PER_SOCKET = 16
+
+
+def traceparent() -> str:
+    """A fresh W3C trace context for one request (bridge -> backend -> model)."""
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+
+
+@dataclass
+class _Active:
+    relay: Relay
+    sink: RoomSink
+
+
+class ChatHandlers:
+    """The bridge's behaviour per client event; wired to a ``SocketServer`` by ``bind``."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        auth: Authenticator,
+        rooms: RoomRegistry,
+        flags: FlagStore,
+        upstream: Upstream,
+        metrics: Metrics,
+    ) -> None:
+        self._settings = settings
+        self._auth = auth
+        self._rooms = rooms
+        self._flags = flags
+        self._upstream = upstream
+        self._metrics = metrics
+        self._server: SocketServer | None = None
+        self._identities: dict[str, Identity] = {}
+        self._relays: dict[tuple[str, str], _Active] = {}
+        self._followers: dict[str, int] = {}
+
+    @property
+    def server(self) -> SocketServer:
+        assert self._server is not None, "bind() first"
+        return self._server
+
+    def bind(self, server: SocketServer) -> None:
+        self._server = server
+        server.on("join_room", self.join_room)
+        server.on("leave_room", self.leave_room)
+        server.on("send_message", self.send_message)
+        server.on("cancel_message", self.cancel_message)
+
+    def active_relays(self) -> int:
+        return len(self._relays)
+
+    # ---- connection -----------------------------------------------------------------------
+
+    async def connect(self, sid: str, environ: dict[str, Any], auth: object) -> None:
+        try:
+            self._identities[sid] = self._auth.identify(auth, environ)
+        except AuthError as exc:
+            self._metrics.rejections.labels(code=ErrorCode.UNAUTHORIZED.value).inc()
+            raise Refused(ErrorCode.UNAUTHORIZED.value, str(exc)) from None
+
+    async def disconnect(self, sid: str) -> None:
+        self._identities.pop(sid, None)
+        self._followers.pop(sid, None)
+        # Still in its rooms here: python-socketio removes it after this handler returns.
+        emptied = [r for r in self.server.rooms_of(sid) if self.server.local_members(r) <= 1]
+        if emptied:
+            self.server.spawn(self._absent(emptied))
+
+    async def _absent(self, rooms: list[str]) -> None:
+        for room_id in rooms:
+            if self.server.local_members(room_id) == 0:
+                try:
+                    await self._rooms.absent(room_id)
+                except StoreError:
+                    log.warning("presence_not_cleared", roomId=room_id)
+
+    # ---- rooms ----------------------------------------------------------------------------
+
+    async def join_room(self, sid: str, data: object, ack: AckFn) -> None:
+        try:
+            ident = self._identity(sid)
+            msg = self._parse(JoinRoom, data)
+            await self._enter(sid, ident, msg.room_id)
+            in_flight = await self._rooms.in_flight(msg.room_id)
+        except PayloadError as exc:
+            return self._refuse(ack, exc.code, exc.message)
+        except StoreError:
+            return self._refuse(ack, ErrorCode.INTERNAL, "room state unavailable")
+        ack(payloads.join_ack(msg.room_id, [item.request_id for item in in_flight]))
+        for item in in_flight:
+            self._replay(sid, msg.room_id, item)
+
+    async def leave_room(self, sid: str, data: object, ack: AckFn) -> None:
+        try:
+            self._identity(sid)
+            msg = self._parse(LeaveRoom, data)
+        except PayloadError as exc:
+            return self._refuse(ack, exc.code, exc.message)
+        if self.server.in_room(sid, msg.room_id):
+            await self.server.leave_room(sid, msg.room_id)
+            if self.server.local_members(msg.room_id) == 0:
+                self.server.spawn(self._absent([msg.room_id]))
+        ack({"ok": True})
+
+    async def _enter(self, sid: str, ident: Identity, room_id: str) -> None:
+        if not await self._rooms.claim(room_id, ident.user_id):
+            raise PayloadError(ErrorCode.FORBIDDEN, "not a member of this room")
+        if not self.server.in_room(sid, room_id):
+            await self.server.enter_room(sid, room_id)
+        # Presence is written before in-flight generations are read (join) and before the room's
+        # first event (relay): whichever side writes last sees the other.
+        await self._rooms.present(room_id)
+
+    def _replay(self, sid: str, room_id: str, item: InFlight) -> None:
+        active = self._relays.get((room_id, item.request_id))
+        if active is not None:
+            relay = active.relay
+            if relay.announced and relay.message_id is not None:
+                # From this replica's buffer, in one step (no await): nothing can interleave.
+                self.server.emit_to(
+                    sid, START, payloads.start(relay.request_id, room_id, relay.message_id)
+                )
+                for seq, text in enumerate(relay.parts):
+                    chunk = payloads.chunk(relay.request_id, room_id, relay.message_id, seq, text)
+                    self.server.emit_to(sid, CHUNK, chunk)
+            return
+        if self._followers.get(sid, 0) >= MAX_FOLLOWERS_PER_SOCKET:
+            return
+        self._followers[sid] = self._followers.get(sid, 0) + 1
+        self.server.spawn(self._follow(sid, room_id, item))
+
+    async def _follow(self, sid: str, room_id: str, item: InFlight) -> None:
+        try:
+            await follow(
+                server=self.server, upstream=self._upstream, sid=sid, room_id=room_id,
+                item=item, traceparent=traceparent(), timeouts=self._settings.timeouts,
+            )  # fmt: skip
+        except Exception:
+            log.exception("follower_failed", requestId=item.request_id, roomId=room_id)
+        finally:
+            if sid in self._followers:
+                self._followers[sid] = max(0, self._followers[sid] - 1)
+
+    # ---- messages -------------------------------------------------------------------------
+
+    async def send_message(self, sid: str, data: object, ack: AckFn) -> None:
+        received_at = time.monotonic()
+        request_id: str | None = None
+        try:
+            ident = self._identity(sid)
+            msg = self._parse(SendMessage, data)
+            request_id = msg.request_id or uuid.uuid4().hex
+            check_content(msg.content, self._settings.max_content_chars)
+            await self._enter(sid, ident, msg.room_id)
+            if not await self._rooms.allow_message(ident.user_id):
+                raise PayloadError(ErrorCode.RATE_LIMITED, "too many messages, slow down")
+        except ContractError as exc:
+            return self._reject(ack, request_id, exc.code, exc.message)
+        except PayloadError as exc:
+            return self._reject(ack, request_id, exc.code, exc.message)
+        except StoreError:
+            return self._reject(ack, request_id, ErrorCode.INTERNAL, "room state unavailable")
+        request = ChatRequest(
+            request_id=request_id, room_id=msg.room_id, user_id=ident.user_id,
+            content=msg.content, character_id=msg.character_id,
+        )  # fmt: skip
+        flags = self._flags.current
+        decision = decide(flags, ident.user_id, ident.roles)
+        path = Path.STREAM if decision.streaming else Path.COMPLETE
+        structlog.contextvars.bind_contextvars(
+            requestId=request_id, roomId=msg.room_id, userId=ident.user_id,
+            characterId=msg.character_id, path=path.value, flag=decision.reason,
+        )  # fmt: skip
+        job = RelayJob(
+            request=request, received_at=received_at, traceparent=traceparent(),
+            fallback=flags.fallback,
+        )  # fmt: skip
+        if path is Path.STREAM:
+            self.server.spawn(self._stream(sid, job, ack))
+        else:
+            self.server.spawn(self._complete(sid, job, ack))
+
+    async def _stream(self, sid: str, job: RelayJob, ack: AckFn) -> None:
+        req = job.request
+        sink = RoomSink(
+            server=self.server, rooms=self._rooms, sid=sid, request=req, ack=ack,
+            presence_refresh_s=self._settings.presence_refresh_s,
+        )  # fmt: skip
+        relay = Relay(job, upstream=self._upstream, sink=sink, timeouts=self._settings.timeouts)
+        key = (req.room_id, req.request_id)
+        active = self._relays[key] = _Active(relay, sink)
+        self._metrics.active.inc()
+        try:
+            outcome = await relay.run()
+            self._record(outcome)
+        except Exception:
+            log.exception("relay_crashed")
+            await self._crashed(relay, sink)
+        finally:
+            self._metrics.active.dec()
+            if self._relays.get(key) is active:
+                del self._relays[key]
+            await sink.finish()
+
+    async def _crashed(self, relay: Relay, sink: RoomSink) -> None:
+        """A bug in the relay still ends the request with the contract's events."""
+        rid, room_id = relay.request_id, relay.room_id
+        if not sink.acked:
+            sink.ack(payloads.rejected(rid, ErrorCode.INTERNAL, "internal error"))
+            return
+        if not sink.terminal_sent:
+            err = payloads.error(rid, room_id, relay.message_id, ErrorCode.INTERNAL, "internal")
+            await sink.room("ai_message_error", err)
+            sink.sender(
+                "message_ack",
+                payloads.message_ack(
+                    rid, room_id, relay.message_id, ok=False, path=Path.STREAM,
+                    code=ErrorCode.INTERNAL,
+                ),
+            )  # fmt: skip
+
+    async def _complete(self, sid: str, job: RelayJob, ack: AckFn) -> None:
+        try:
+            ok, code = await run_complete(
+                server=self.server, rooms=self._rooms, upstream=self._upstream, sid=sid,
+                request=job.request, ack=ack, traceparent=job.traceparent,
+                timeouts=self._settings.timeouts,
+            )  # fmt: skip
+        except Exception:
+            log.exception("complete_crashed")
+            ok, code = False, ErrorCode.INTERNAL
+        elapsed = time.monotonic() - job.received_at
+        self._metrics.requests.labels(path=Path.COMPLETE.value, ok=str(ok).lower()).inc()
+        self._metrics.completion.labels(path=Path.COMPLETE.value).observe(elapsed)
+        if code is not None:
+            self._metrics.errors.labels(code=code.value).inc()
+        log.info("request_done", ok=ok, code=code, total_ms=round(elapsed * 1000, 1))
+
+    def _record(self, outcome: Outcome) -> None:
+        m = self._metrics
+        if outcome.rejected:
+            m.rejections.labels(code=str(outcome.code)).inc()
+        else:
+            m.requests.labels(path=outcome.path.value, ok=str(outcome.ok).lower()).inc()
+        if outcome.first_chunk_ms is not None:
+            m.ttft.labels(path=outcome.path.value).observe(outcome.first_chunk_ms / 1000.0)
+        if outcome.total_ms is not None and not outcome.rejected:
+            m.completion.labels(path=outcome.path.value).observe(outcome.total_ms / 1000.0)
+        if outcome.path is Path.FALLBACK:
+            m.fallbacks.labels(reason=outcome.reason.split(":")[-1]).inc()
+        if outcome.code is not None and not outcome.rejected:
+            m.errors.labels(code=outcome.code.value).inc()
+        if outcome.resumes:
+            m.resumes.inc(outcome.resumes)
+        if outcome.duplicates:
+            m.duplicates.inc(outcome.duplicates)
+        log.info(
+            "request_done", ok=outcome.ok, result_path=outcome.path.value, reason=outcome.reason,
+            code=outcome.code, resumes=outcome.resumes, duplicates=outcome.duplicates,
+            accepted_ms=outcome.accepted_ms, first_chunk_ms=outcome.first_chunk_ms,
+            total_ms=outcome.total_ms,
+        )  # fmt: skip
+
+    async def cancel_message(self, sid: str, data: object, ack: AckFn) -> None:
+        try:
+            ident = self._identity(sid)
+            msg = self._parse(CancelMessage, data)
+        except PayloadError as exc:
+            return self._refuse(ack, exc.code, exc.message)
+        structlog.contextvars.bind_contextvars(requestId=msg.request_id, userId=ident.user_id)
+        try:
+            await self._upstream.cancel(msg.request_id, ident.user_id, traceparent())
+        except UpstreamHttpError as exc:
+            return self._refuse(ack, exc.code, exc.message)
+        except UpstreamError as exc:
+            return self._refuse(ack, exc.code, "backend unavailable")
+        log.info("cancel_requested")
+        ack({"ok": True})
+
+    # ---- helpers --------------------------------------------------------------------------
+
+    def _identity(self, sid: str) -> Identity:
+        ident = self._identities.get(sid)
+        if ident is None:
+            raise PayloadError(ErrorCode.UNAUTHORIZED, "not authenticated")
+        return ident
+
+    @staticmethod
+    def _parse(model: type[M], data: object) -> M:
+        try:
+            return parse(model, data)
+        except ContractError as exc:
+            raise PayloadError.from_contract(exc) from None
+
+    def _refuse(self, ack: AckFn, code: ErrorCode, message: str) -> None:
+        self._metrics.rejections.labels(code=code.value).inc()
+        ack(payloads.error_ack(code, message))
+
+    def _reject(self, ack: AckFn, request_id: str | None, code: ErrorCode, message: str) -> None:
+        self._metrics.rejections.labels(code=code.value).inc()
+        log.info("send_rejected", code=code.value, requestId=request_id)
+        ack(payloads.rejected(request_id, code, message))

@@ -1,0 +1,55 @@
+"""Prometheus metrics of one bridge process (exposed at GET /metrics).
+
+prometheus-client directly, with a private registry: the exposition format is the same one the
+OTel Prometheus exporter would serve, without an SDK pipeline on the per-chunk path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    """Every series the bridge exports; labels are bounded enums (path, reason, code)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram(
+            "bridge_ttft_seconds", "send_message to first chunk", ["path"], registry=r,
+            buckets=LATENCY_BUCKETS_S,
+        )  # fmt: skip
+        self.completion = Histogram(
+            "bridge_completion_seconds", "send_message to terminal event", ["path"], registry=r,
+            buckets=LATENCY_BUCKETS_S,
+        )  # fmt: skip
+        self.requests = Counter(
+            "bridge_requests_total", "send_message by path and result", ["path", "ok"], registry=r
+        )
+        self.fallbacks = Counter(
+            "bridge_fallbacks_total", "fallbacks to POST /chat/messages", ["reason"], registry=r
+        )
+        self.errors = Counter("bridge_errors_total", "failures by code", ["code"], registry=r)
+        self.rejections = Counter(
+            "bridge_rejections_total", "rejected client events by code", ["code"], registry=r
+        )
+        self.resumes = Counter("bridge_resumes_total", "stream resumes", registry=r)
+        self.duplicates = Counter(
+            "bridge_duplicate_chunks_total", "duplicate seq dropped", registry=r
+        )
+        self.active = Gauge("bridge_active_streams", "relays in progress", registry=r)
+        self.sockets = Gauge("bridge_connected_sockets", "connected sockets", registry=r)
+        self.kicks = Gauge(
+            "bridge_slow_consumer_disconnects", "sockets dropped over the output bound", registry=r
+        )
+
+    def bind(self, *, sockets: Callable[[], float], kicks: Callable[[], float]) -> None:
+        self.sockets.set_function(sockets)
+        self.kicks.set_function(kicks)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,163 @@
+"""Builders of the bridge -> client payloads (CONTRACT.md section 1) as plain dicts.
+
+The relay builds these itself, once per event, so they are not re-validated with pydantic on
+the hot path; tests/bridge/test_payloads.py validates every builder against the contract
+models, which is what keeps the two in step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from contracts import (
+    RETRYABLE,
+    BackendLatency,
+    CompleteResponse,
+    ContractError,
+    ErrorCode,
+    Path,
+    StreamEnd,
+    utc_now_iso,
+)
+
+Payload = dict[str, Any]
+
+_RETRYABLE = frozenset(code.value for code in RETRYABLE)
+
+
+def accepted(request_id: str, room_id: str, message_id: str | None, path: Path) -> Payload:
+    # The ack's path is "stream" or "complete": a fallback is still the stream path to the sender.
+    ack_path = Path.COMPLETE if path is Path.COMPLETE else Path.STREAM
+    return {
+        "ok": True,
+        "stage": "accepted",
+        "requestId": request_id,
+        "roomId": room_id,
+        "messageId": message_id,
+        "path": ack_path.value,
+    }
+
+
+def rejected(request_id: str | None, code: ErrorCode, message: str) -> Payload:
+    return {
+        "ok": False,
+        "stage": "rejected",
+        "requestId": request_id,
+        "code": code.value,
+        "message": message,
+    }
+
+
+def error_ack(code: ErrorCode, message: str) -> Payload:
+    return {"ok": False, "code": code.value, "message": message}
+
+
+def rejected_from(exc: ContractError, request_id: str | None = None) -> Payload:
+    return rejected(request_id, exc.code, exc.message)
+
+
+def new_message(
+    *,
+    room_id: str,
+    message_id: str,
+    request_id: str,
+    role: str,
+    content: str,
+    user_id: str | None,
+    character_id: str | None,
+) -> Payload:
+    return {
+        "roomId": room_id,
+        "message": {
+            "id": message_id,
+            "requestId": request_id,
+            "role": role,
+            "content": content,
+            "userId": user_id,
+            "characterId": character_id,
+            "createdAt": utc_now_iso(),
+        },
+    }
+
+
+def start(request_id: str, room_id: str, message_id: str) -> Payload:
+    return {"requestId": request_id, "roomId": room_id, "messageId": message_id}
+
+
+def chunk(request_id: str, room_id: str, message_id: str, seq: int, text: str) -> Payload:
+    return {
+        "requestId": request_id,
+        "roomId": room_id,
+        "messageId": message_id,
+        "seq": seq,
+        "chunk": text,
+    }
+
+
+def latency(
+    *,
+    accepted_ms: float | None,
+    first_chunk_ms: float | None,
+    total_ms: float | None,
+    backend: BackendLatency,
+) -> Payload:
+    return {
+        "acceptedMs": accepted_ms,
+        "firstChunkMs": first_chunk_ms,
+        "totalMs": total_ms,
+        "backend": backend.wire(),
+    }
+
+
+def end(
+    request_id: str,
+    room_id: str,
+    body: StreamEnd | CompleteResponse,
+    timing: Payload,
+) -> Payload:
+    return {
+        "requestId": request_id,
+        "roomId": room_id,
+        "messageId": body.message_id,
+        "content": body.content,
+        "finishReason": body.finish_reason.value,
+        "usage": body.usage.wire(),
+        "latency": timing,
+    }
+
+
+def error(
+    request_id: str, room_id: str, message_id: str | None, code: ErrorCode, message: str
+) -> Payload:
+    return {
+        "requestId": request_id,
+        "roomId": room_id,
+        "messageId": message_id,
+        "code": code.value,
+        "message": message,
+        "retryable": code.value in _RETRYABLE,
+    }
+
+
+def message_ack(
+    request_id: str,
+    room_id: str,
+    message_id: str | None,
+    *,
+    ok: bool,
+    path: Path,
+    code: ErrorCode | None = None,
+) -> Payload:
+    return {
+        "requestId": request_id,
+        "roomId": room_id,
+        "messageId": message_id,
+        "stage": "done",
+        "ok": ok,
+        "path": path.value,
+        "code": code.value if code is not None else None,
+    }
+
+
+def join_ack(room_id: str, in_flight: list[str]) -> Payload:
+    return {"ok": True, "roomId": room_id, "inFlight": in_flight}

@@ -1,0 +1,344 @@
+"""The relay state machine of one ``send_message`` on the stream path.
+
+ARCHITECTURE.md "The relay", steps 3-6, and CONTRACT.md section 1 "Ordering and delivery":
+
+    open stream --start--> ack accepted, new_message, ai_message_start
+        --chunk seq==next--> ai_message_chunk       (seq < next: duplicate, dropped)
+        --chunk seq>next / cut / idle timeout--> resume with Last-Event-ID (bounded)
+        --end--> ai_message_end, message_ack ok
+        --error event (retryable) / cannot open / cannot resume / no first chunk--> fallback
+    fallback: POST /chat/messages, same requestId -> the unseen suffix as one more chunk (or
+        only the authoritative content in ai_message_end) -> message_ack ok, path "fallback"
+    both failed: ai_message_error + message_ack ok=false
+
+The relay talks to the world only through ``Upstream`` and ``EventSink`` (Protocols), so
+tests/bridge/test_relay.py drives it without sockets or HTTP.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+
+from bridge import payloads
+from bridge.errors import (
+    SeqGap,
+    UpstreamError,
+    UpstreamFailed,
+    UpstreamHttpError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
+from bridge.payloads import Payload
+from bridge.settings import Timeouts
+from bridge.upstream import Chunk, End, Failed, Start, Upstream, UpstreamStream
+from contracts import ChatRequest, CompleteResponse, ErrorCode, Path, StreamEnd
+
+log = structlog.get_logger("bridge.relay")
+
+USER_ROLE = "user"
+
+
+class EventSink(Protocol):
+    """Where one relay's events go (the sender's socket, the room, the in-flight registry)."""
+
+    def ack(self, payload: Payload) -> None:
+        """The ``send_message`` ack; the relay calls it exactly once."""
+
+    async def begin(self, message_id: str) -> None:
+        """The generation has a message id; called before the first room event."""
+
+    async def room(self, event: str, payload: Payload) -> None:
+        """An event for every socket in the room (on every replica)."""
+
+    def sender(self, event: str, payload: Payload) -> None:
+        """An event for the sender's socket only."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RelayJob:
+    request: ChatRequest
+    received_at: float
+    traceparent: str
+    fallback: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outcome:
+    path: Path
+    ok: bool
+    code: ErrorCode | None = None
+    reason: str = "end"
+    resumes: int = 0
+    duplicates: int = 0
+    accepted_ms: float | None = None
+    first_chunk_ms: float | None = None
+    total_ms: float | None = None
+    rejected: bool = False
+
+
+class Relay:
+    """Relays one generation from the backend's SSE stream to a room."""
+
+    def __init__(
+        self,
+        job: RelayJob,
+        *,
+        upstream: Upstream,
+        sink: EventSink,
+        timeouts: Timeouts,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.job = job
+        self._upstream = upstream
+        self._sink = sink
+        self._timeouts = timeouts
+        self._clock = clock
+        self._deadline = job.received_at + timeouts.total_s
+        req = job.request
+        self.request_id, self.room_id = req.request_id, req.room_id
+        self.message_id: str | None = None
+        self.parts: list[str] = []  # chunk text by seq: the room has seen exactly these
+        self.started = False
+        self.announced = False  # ai_message_start went to the room: a joiner can be replayed
+        self._accepted_at: float | None = None
+        self._first_chunk_at: float | None = None
+        self._resumes = 0
+        self._duplicates = 0
+        self._path = Path.STREAM
+
+    @property
+    def next_seq(self) -> int:
+        return len(self.parts)
+
+    async def run(self) -> Outcome:
+        """Drive the generation to exactly one terminal event; never raises an UpstreamError."""
+        try:
+            stream = await self._upstream.open_stream(self.job.request, self.job.traceparent)
+        except UpstreamHttpError as exc:
+            if exc.refused:
+                return self._reject(exc.code, exc.message)
+            return await self._fallback(exc, "open_failed")
+        except UpstreamError as exc:
+            return await self._fallback(exc, "open_failed")
+        while True:
+            try:
+                return await self._pump(stream)
+            except UpstreamError as exc:
+                broken = exc
+            finally:
+                await stream.aclose()
+            reason = self._unresumable(broken)
+            if reason is not None:
+                return await self._fallback(broken, reason)
+            resumed = await self._resume(broken)
+            if resumed is None:
+                return await self._fallback(broken, "resume_failed")
+            stream = resumed
+
+    # ---- stream ---------------------------------------------------------------------------
+
+    async def _pump(self, stream: UpstreamStream) -> Outcome:
+        while True:
+            event = await stream.next_event(self._wait_s())
+            if type(event) is Chunk:
+                if event.seq < len(self.parts):
+                    self._duplicates += 1
+                    continue
+                if event.seq > len(self.parts):
+                    raise SeqGap(f"expected seq {len(self.parts)}, got {event.seq}")
+                await self._chunk(event.text)
+            elif type(event) is Start:
+                await self._start(event.message_id, event.user_message_id)
+            elif type(event) is End:
+                if not self.started:
+                    raise UpstreamProtocolError("end before start")
+                return await self._end(event.body)
+            elif type(event) is Failed:
+                body = event.body
+                raise UpstreamFailed(body.code, body.message, retryable=body.retryable)
+
+    def _wait_s(self) -> float:
+        if not self.started:
+            wait = self._timeouts.first_event_s
+        elif not self.parts:
+            wait = self._timeouts.first_chunk_s
+        else:
+            wait = self._timeouts.idle_s
+        remaining = self._deadline - self._clock()
+        if remaining <= 0:
+            raise UpstreamTimeout("total timeout")
+        return min(wait, remaining)
+
+    async def _start(self, message_id: str, user_message_id: str) -> None:
+        if self.started:
+            if message_id != self.message_id:
+                raise UpstreamProtocolError("resumed stream names another message")
+            return
+        self.message_id = message_id
+        self.started = True
+        await self._sink.begin(message_id)
+        self._accept(message_id)
+        await self._sink.room("new_message", self._user_message(user_message_id))
+        # Set before the emit: the room's local sockets get the start in the same step (no await
+        # in between), so a socket replayed from this relay never misses it.
+        self.announced = True
+        await self._sink.room(
+            "ai_message_start", payloads.start(self.request_id, self.room_id, message_id)
+        )
+
+    async def _chunk(self, text: str) -> None:
+        if self.message_id is None:
+            raise UpstreamProtocolError("chunk before start")
+        if self._first_chunk_at is None:
+            self._first_chunk_at = self._clock()
+        seq = len(self.parts)
+        self.parts.append(text)
+        await self._sink.room(
+            "ai_message_chunk",
+            payloads.chunk(self.request_id, self.room_id, self.message_id, seq, text),
+        )
+
+    async def _end(self, body: StreamEnd | CompleteResponse) -> Outcome:
+        assert self.message_id is not None
+        total_ms = self._ms(self._clock())
+        timing = payloads.latency(
+            accepted_ms=self._ms(self._accepted_at),
+            first_chunk_ms=self._ms(self._first_chunk_at),
+            total_ms=total_ms,
+            backend=body.latency,
+        )
+        end = payloads.end(self.request_id, self.room_id, body, timing)
+        end["messageId"] = self.message_id
+        await self._sink.room("ai_message_end", end)
+        self._sink.sender(
+            "message_ack",
+            payloads.message_ack(
+                self.request_id, self.room_id, self.message_id, ok=True, path=self._path
+            ),
+        )
+        return self._outcome(ok=True, reason="end" if self._path is Path.STREAM else "fallback")
+
+    # ---- resume and fallback --------------------------------------------------------------
+
+    def _unresumable(self, exc: UpstreamError) -> str | None:
+        """Why a broken stream goes straight to the fallback (``None``: try to resume)."""
+        if not self.started:
+            return "no_start"
+        if isinstance(exc, UpstreamFailed):
+            return "error_event"
+        if isinstance(exc, UpstreamTimeout) and not self.parts:
+            return "first_chunk_timeout"
+        if self._clock() >= self._deadline:
+            return "total_timeout"
+        return None
+
+    async def _resume(self, broken: UpstreamError) -> UpstreamStream | None:
+        resume_deadline = min(self._clock() + self._timeouts.resume_s, self._deadline)
+        while self._resumes < self._timeouts.max_resumes and self._clock() < resume_deadline:
+            self._resumes += 1
+            last_seq = len(self.parts) - 1 if self.parts else None
+            log.info("relay_resume", reason=type(broken).__name__, last_seq=last_seq)
+            try:
+                return await self._upstream.resume(
+                    self.request_id, self.job.request.user_id, last_seq, self.job.traceparent
+                )
+            except UpstreamHttpError as exc:
+                if exc.status == 404:
+                    return None
+                broken = exc
+            except UpstreamError as exc:
+                broken = exc
+        return None
+
+    async def _fallback(self, cause: UpstreamError, reason: str) -> Outcome:
+        if isinstance(cause, UpstreamFailed) and not cause.retryable:
+            return await self._fail(cause.code, cause.message, reason)
+        remaining = self._deadline - self._clock()
+        if not self.job.fallback or remaining <= 0:
+            code = cause.code if remaining > 0 else ErrorCode.STREAM_TIMEOUT
+            return await self._fail(code, cause.message, reason)
+        log.info("relay_fallback", reason=reason, cause=type(cause).__name__)
+        self._path = Path.FALLBACK
+        self._accept(self.message_id)  # "or when the fallback request was sent"
+        try:
+            body = await self._upstream.complete(self.job.request, self.job.traceparent, remaining)
+        except UpstreamError as exc:
+            log.info("relay_fallback_failed", cause=type(exc).__name__)
+            return await self._fail(cause.code, cause.message, reason)
+        if not self.started:
+            await self._start(body.message_id, _user_message_id(self.request_id))
+        seen = "".join(self.parts)
+        if body.content.startswith(seen) and len(body.content) > len(seen):
+            await self._chunk(body.content[len(seen) :])
+        outcome = await self._end(body)
+        return Outcome(**{**outcome.__dict__, "reason": f"fallback:{reason}"})
+
+    async def _fail(self, code: ErrorCode, message: str, reason: str) -> Outcome:
+        if self._accepted_at is None:
+            return self._reject(code, message)
+        await self._sink.room(
+            "ai_message_error",
+            payloads.error(self.request_id, self.room_id, self.message_id, code, message),
+        )
+        self._sink.sender(
+            "message_ack",
+            payloads.message_ack(
+                self.request_id, self.room_id, self.message_id, ok=False, path=self._path,
+                code=code,
+            ),
+        )  # fmt: skip
+        return self._outcome(ok=False, code=code, reason=f"failed:{reason}")
+
+    # ---- helpers --------------------------------------------------------------------------
+
+    def _accept(self, message_id: str | None) -> None:
+        if self._accepted_at is not None:
+            return
+        self._accepted_at = self._clock()
+        self._sink.ack(payloads.accepted(self.request_id, self.room_id, message_id, Path.STREAM))
+
+    def _reject(self, code: ErrorCode, message: str) -> Outcome:
+        self._accepted_at = self._clock()
+        self._sink.ack(payloads.rejected(self.request_id, code, message))
+        return self._outcome(ok=False, code=code, reason="rejected", rejected=True)
+
+    def _user_message(self, user_message_id: str) -> Payload:
+        req = self.job.request
+        return payloads.new_message(
+            room_id=self.room_id,
+            message_id=user_message_id,
+            request_id=self.request_id,
+            role=USER_ROLE,
+            content=req.content,
+            user_id=req.user_id,
+            character_id=req.character_id,
+        )
+
+    def _ms(self, at: float | None) -> float | None:
+        return None if at is None else round((at - self.job.received_at) * 1000.0, 3)
+
+    def _outcome(
+        self, *, ok: bool, reason: str, code: ErrorCode | None = None, rejected: bool = False
+    ) -> Outcome:
+        return Outcome(
+            path=self._path,
+            ok=ok,
+            code=code,
+            reason=reason,
+            resumes=self._resumes,
+            duplicates=self._duplicates,
+            accepted_ms=self._ms(self._accepted_at),
+            first_chunk_ms=self._ms(self._first_chunk_at),
+            total_ms=self._ms(self._clock()),
+            rejected=rejected,
+        )
+
+
+def _user_message_id(request_id: str) -> str:
+    """The user message's id when the backend never sent ``start`` (its JSON reply lacks it)."""
+    return f"u:{request_id}"[:128]

@@ -1,0 +1,174 @@
+"""Room state shared by the replicas, in Redis: owners, rate limits, presence, in-flight.
+
+Keys (all under ``bridge:``):
+- ``room:{roomId}:owner``     the user who first joined the room (CONTRACT.md "Rooms").
+- ``room:{roomId}:hosts``     set of replica host ids with local members of the room. A relay
+  publishes its events through the Redis queue only while another live replica is in this set
+  (ARCHITECTURE.md "Scale": local emits skip the queue).
+- ``room:{roomId}:inflight``  hash requestId -> {userId, messageId, startedAt}: generations a
+  joining socket must be replayed (from the backend's resume endpoint, on any replica).
+- ``host:{hostId}``           heartbeat of a replica (expires when it dies).
+- ``rate:{userId}:{window}``  fixed-window counter of send_message per user.
+
+Every operation is one round trip (a pipeline), none is on the per-chunk path.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, cast
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from bridge.errors import StoreError
+
+PREFIX = "bridge:"
+HEARTBEAT_TTL_S = 15
+OWNER_CACHE_MAX = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class InFlight:
+    request_id: str
+    user_id: str
+    message_id: str
+    started_at: float
+
+
+@asynccontextmanager
+async def _store(what: str) -> AsyncIterator[None]:
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise StoreError(f"{what}: redis unavailable ({type(exc).__name__})") from None
+
+
+async def _aw(value: Any) -> Any:
+    # redis-py types commands as ``Awaitable[T] | T`` (sync and async share stubs); on the
+    # asyncio client they always await.
+    return await cast(Awaitable[Any], value)
+
+
+class RoomRegistry:
+    """Owners, presence, in-flight generations and rate limits of the rooms."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        host_id: str,
+        inflight_ttl_s: int,
+        rate_limit: int,
+        rate_window_s: int,
+    ) -> None:
+        self._redis = redis
+        self.host_id = host_id
+        self._inflight_ttl_s = inflight_ttl_s
+        self._rate_limit = rate_limit
+        self._rate_window_s = rate_window_s
+        self._owners: dict[str, str] = {}  # owners never change: cached, bounded
+
+    # ---- ownership and rate limit ---------------------------------------------------------
+
+    async def claim(self, room_id: str, user_id: str) -> bool:
+        """Whether ``user_id`` may use the room; the first user to ask becomes its owner."""
+        owner = self._owners.get(room_id)
+        if owner is None:
+            key = f"{PREFIX}room:{room_id}:owner"
+            async with _store("claim room"):
+                if await self._redis.set(key, user_id, nx=True):
+                    owner = user_id
+                else:
+                    owner = str(await _aw(self._redis.get(key)) or user_id)
+            if len(self._owners) >= OWNER_CACHE_MAX:
+                self._owners.clear()
+            self._owners[room_id] = owner
+        return owner == user_id
+
+    async def allow_message(self, user_id: str) -> bool:
+        """Fixed-window rate limit per user, shared by every replica."""
+        if self._rate_limit <= 0:
+            return True
+        window = int(time.time() // self._rate_window_s)
+        key = f"{PREFIX}rate:{user_id}:{window}"
+        async with _store("rate limit"):
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.incr(key)
+            pipe.expire(key, self._rate_window_s + 1)
+            count, _ = await pipe.execute()
+        return int(count) <= self._rate_limit
+
+    # ---- presence -------------------------------------------------------------------------
+
+    async def heartbeat(self) -> None:
+        async with _store("heartbeat"):
+            await self._redis.set(f"{PREFIX}host:{self.host_id}", "1", ex=HEARTBEAT_TTL_S)
+
+    async def retire(self, rooms: list[str]) -> None:
+        async with _store("retire"):
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.delete(f"{PREFIX}host:{self.host_id}")
+            for room_id in rooms:
+                pipe.srem(f"{PREFIX}room:{room_id}:hosts", self.host_id)
+            await pipe.execute()
+
+    async def present(self, room_id: str) -> None:
+        async with _store("presence"):
+            await _aw(self._redis.sadd(f"{PREFIX}room:{room_id}:hosts", self.host_id))
+
+    async def absent(self, room_id: str) -> None:
+        async with _store("presence"):
+            await _aw(self._redis.srem(f"{PREFIX}room:{room_id}:hosts", self.host_id))
+
+    async def has_remote_members(self, room_id: str) -> bool:
+        async with _store("presence"):
+            hosts = await _aw(self._redis.smembers(f"{PREFIX}room:{room_id}:hosts"))
+            return await self._any_alive(room_id, hosts)
+
+    async def _any_alive(self, room_id: str, hosts: Any) -> bool:
+        others = [h for h in hosts if h != self.host_id]
+        if not others:
+            return False
+        alive = await self._redis.mget([f"{PREFIX}host:{h}" for h in others])
+        dead = [h for h, beat in zip(others, alive, strict=True) if beat is None]
+        if dead:
+            await _aw(self._redis.srem(f"{PREFIX}room:{room_id}:hosts", *dead))
+        return len(dead) < len(others)
+
+    # ---- in-flight generations ------------------------------------------------------------
+
+    async def begin(self, room_id: str, request_id: str, user_id: str, message_id: str) -> bool:
+        """Record a generation in flight; return whether other replicas have room members."""
+        key = f"{PREFIX}room:{room_id}:inflight"
+        record = json.dumps({"userId": user_id, "messageId": message_id, "startedAt": time.time()})
+        async with _store("begin"):
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.hset(key, request_id, record)
+            pipe.expire(key, self._inflight_ttl_s)
+            pipe.smembers(f"{PREFIX}room:{room_id}:hosts")
+            _, _, hosts = await pipe.execute()
+            return await self._any_alive(room_id, hosts)
+
+    async def finish(self, room_id: str, request_id: str) -> None:
+        async with _store("finish"):
+            await _aw(self._redis.hdel(f"{PREFIX}room:{room_id}:inflight", request_id))
+
+    async def in_flight(self, room_id: str) -> list[InFlight]:
+        async with _store("in flight"):
+            raw = await _aw(self._redis.hgetall(f"{PREFIX}room:{room_id}:inflight"))
+        oldest = time.time() - self._inflight_ttl_s
+        found = []
+        for request_id, value in raw.items():
+            try:
+                rec = json.loads(value)
+                item = InFlight(request_id, rec["userId"], rec["messageId"], rec["startedAt"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            if item.started_at >= oldest:
+                found.append(item)
+        return sorted(found, key=lambda item: item.started_at)

@@ -1,0 +1,201 @@
+"""Settings of the bridge, read once from the environment by ``__main__``.
+
+Every knob has a ``DEFAULT_*`` constant and an environment variable; bridge/README.md has the
+table. Durations carry their unit in the name (``_s``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from contracts import DEFAULT_MAX_CONTENT_CHARS
+
+DEFAULT_BACKEND_URL = "http://127.0.0.1:8100"
+DEV_BACKEND_TOKEN = "dev-backend-token"
+DEV_JWT_SECRET = "dev-only-jwt-secret-change-me-0123456789"
+
+DEFAULT_CONNECT_TIMEOUT_S = 2.0
+DEFAULT_FIRST_EVENT_TIMEOUT_S = 5.0
+DEFAULT_FIRST_CHUNK_TIMEOUT_S = 20.0
+DEFAULT_IDLE_TIMEOUT_S = 30.0
+DEFAULT_TOTAL_TIMEOUT_S = 180.0
+DEFAULT_RESUME_TIMEOUT_S = 5.0
+DEFAULT_MAX_RESUMES = 3
+DEFAULT_CANCEL_TIMEOUT_S = 5.0
+DEFAULT_UPSTREAM_MAX_CONNECTIONS = 4000
+DEFAULT_RATE_LIMIT = 30
+DEFAULT_RATE_WINDOW_S = 60
+DEFAULT_SOCKET_MAX_QUEUE = 1000
+DEFAULT_FLAGS_REFRESH_S = 0.5
+DEFAULT_PRESENCE_REFRESH_S = 1.0
+DEFAULT_STREAMING_PERCENT = 100.0
+DEFAULT_CHANNEL = "chat-bridge"
+DEFAULT_LOG_LEVEL = "INFO"
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value the bridge cannot run with."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Timeouts:
+    """Every wait of a relay (ARCHITECTURE.md "The relay", step 6)."""
+
+    connect_s: float = DEFAULT_CONNECT_TIMEOUT_S
+    first_event_s: float = DEFAULT_FIRST_EVENT_TIMEOUT_S
+    first_chunk_s: float = DEFAULT_FIRST_CHUNK_TIMEOUT_S
+    idle_s: float = DEFAULT_IDLE_TIMEOUT_S
+    total_s: float = DEFAULT_TOTAL_TIMEOUT_S
+    resume_s: float = DEFAULT_RESUME_TIMEOUT_S
+    max_resumes: int = DEFAULT_MAX_RESUMES
+    cancel_s: float = DEFAULT_CANCEL_TIMEOUT_S
+
+
+@dataclass(frozen=True, kw_only=True)
+class FlagDefaults:
+    """Flag values used for every field the Redis flag hash does not set."""
+
+    enabled: bool = True
+    percent: float = DEFAULT_STREAMING_PERCENT
+    allow_users: frozenset[str] = frozenset()
+    allow_roles: frozenset[str] = frozenset()
+    deny_users: frozenset[str] = frozenset()
+    fallback: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything the bridge reads from its environment."""
+
+    backend_url: str = DEFAULT_BACKEND_URL
+    backend_token: str = DEV_BACKEND_TOKEN
+    redis_url: str | None = None
+    jwt_secret: str | None = None
+    insecure_dev_auth: bool = False
+    flags: FlagDefaults = field(default_factory=FlagDefaults)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    upstream_max_connections: int = DEFAULT_UPSTREAM_MAX_CONNECTIONS
+    rate_limit: int = DEFAULT_RATE_LIMIT
+    rate_window_s: int = DEFAULT_RATE_WINDOW_S
+    max_content_chars: int = DEFAULT_MAX_CONTENT_CHARS
+    socket_max_queue: int = DEFAULT_SOCKET_MAX_QUEUE
+    flags_refresh_s: float = DEFAULT_FLAGS_REFRESH_S
+    presence_refresh_s: float = DEFAULT_PRESENCE_REFRESH_S
+    cors_origins: tuple[str, ...] = ()
+    channel: str = DEFAULT_CHANNEL
+    log_level: str = DEFAULT_LOG_LEVEL
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        """Build settings from an environment mapping; raise ``SettingsError`` on bad values."""
+        env = _Env(environ)
+        return cls(
+            backend_url=(env.text("BACKEND_URL") or DEFAULT_BACKEND_URL).rstrip("/"),
+            backend_token=env.text("BACKEND_TOKEN") or DEV_BACKEND_TOKEN,
+            redis_url=env.text("REDIS_URL"),
+            jwt_secret=env.text("JWT_SECRET"),
+            insecure_dev_auth=env.flag("BRIDGE_INSECURE_DEV_AUTH", False),
+            flags=FlagDefaults(
+                enabled=env.flag("CHAT_STREAMING_ENABLED", True),
+                percent=env.number(
+                    "CHAT_STREAMING_PERCENT", DEFAULT_STREAMING_PERCENT, low=0.0, high=100.0
+                ),
+                allow_users=env.names("CHAT_STREAMING_ALLOW_USERS"),
+                allow_roles=env.names("CHAT_STREAMING_ALLOW_ROLES"),
+                deny_users=env.names("CHAT_STREAMING_DENY_USERS"),
+                fallback=env.flag("CHAT_STREAMING_FALLBACK", True),
+            ),
+            timeouts=Timeouts(
+                connect_s=env.number("BRIDGE_CONNECT_TIMEOUT_S", DEFAULT_CONNECT_TIMEOUT_S),
+                first_event_s=env.number(
+                    "BRIDGE_FIRST_EVENT_TIMEOUT_S", DEFAULT_FIRST_EVENT_TIMEOUT_S
+                ),
+                first_chunk_s=env.number(
+                    "BRIDGE_FIRST_CHUNK_TIMEOUT_S", DEFAULT_FIRST_CHUNK_TIMEOUT_S
+                ),
+                idle_s=env.number("BRIDGE_IDLE_TIMEOUT_S", DEFAULT_IDLE_TIMEOUT_S),
+                total_s=env.number("BRIDGE_TOTAL_TIMEOUT_S", DEFAULT_TOTAL_TIMEOUT_S),
+                resume_s=env.number("BRIDGE_RESUME_TIMEOUT_S", DEFAULT_RESUME_TIMEOUT_S),
+                max_resumes=env.integer("BRIDGE_MAX_RESUMES", DEFAULT_MAX_RESUMES, low=0),
+                cancel_s=env.number("BRIDGE_CANCEL_TIMEOUT_S", DEFAULT_CANCEL_TIMEOUT_S),
+            ),
+            upstream_max_connections=env.integer(
+                "BRIDGE_UPSTREAM_MAX_CONNECTIONS", DEFAULT_UPSTREAM_MAX_CONNECTIONS, low=1
+            ),
+            rate_limit=env.integer("BRIDGE_RATE_LIMIT", DEFAULT_RATE_LIMIT, low=0),
+            rate_window_s=env.integer("BRIDGE_RATE_WINDOW_S", DEFAULT_RATE_WINDOW_S, low=1),
+            max_content_chars=env.integer(
+                "BRIDGE_MAX_CONTENT_CHARS", DEFAULT_MAX_CONTENT_CHARS, low=1
+            ),
+            socket_max_queue=env.integer(
+                "BRIDGE_SOCKET_MAX_QUEUE", DEFAULT_SOCKET_MAX_QUEUE, low=8
+            ),
+            flags_refresh_s=env.number(
+                "BRIDGE_FLAGS_REFRESH_S", DEFAULT_FLAGS_REFRESH_S, low=0.05, high=1.0
+            ),
+            presence_refresh_s=env.number(
+                "BRIDGE_PRESENCE_REFRESH_S", DEFAULT_PRESENCE_REFRESH_S, low=0.05
+            ),
+            cors_origins=tuple(sorted(env.names("BRIDGE_CORS_ORIGINS"))),
+            channel=env.text("BRIDGE_CHANNEL") or DEFAULT_CHANNEL,
+            log_level=(env.text("BRIDGE_LOG_LEVEL") or DEFAULT_LOG_LEVEL).upper(),
+        )
+
+
+class _Env:
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def text(self, name: str) -> str | None:
+        value = self._environ.get(name, "").strip()
+        return value or None
+
+    def integer(self, name: str, default: int, *, low: int = 0) -> int:
+        raw = self.text(name)
+        try:
+            value = default if raw is None else int(raw)
+        except ValueError:
+            raise SettingsError(f"{name} must be an integer") from None
+        if value < low:
+            raise SettingsError(f"{name} must be >= {low}")
+        return value
+
+    def number(
+        self, name: str, default: float, *, low: float = 0.001, high: float = float("inf")
+    ) -> float:
+        raw = self.text(name)
+        try:
+            value = default if raw is None else float(raw)
+        except ValueError:
+            raise SettingsError(f"{name} must be a number") from None
+        if not low <= value <= high:  # also rejects NaN
+            raise SettingsError(f"{name} must be between {low} and {high}")
+        return value
+
+    def flag(self, name: str, default: bool) -> bool:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        parsed = parse_bool(raw)
+        if parsed is None:
+            raise SettingsError(f"{name} must be a boolean (1/0, true/false)")
+        return parsed
+
+    def names(self, name: str) -> frozenset[str]:
+        return parse_names(self.text(name) or "")
+
+
+def parse_bool(raw: str) -> bool | None:
+    """``true/false``, ``1/0``, ``yes/no``, ``on/off``; ``None`` for anything else."""
+    lowered = raw.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    return None
+
+
+def parse_names(raw: str) -> frozenset[str]:
+    """A comma-separated list; blanks dropped."""
+    return frozenset(part.strip() for part in raw.split(",") if part.strip())

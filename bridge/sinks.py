@@ -1,0 +1,217 @@
+"""Where relayed events go: the room sink of a relay, the complete path, and replay followers.
+
+- ``RoomSink`` is the relay's ``EventSink`` on a real server: local sockets first (directly),
+  then the Redis queue only while another replica has members of the room. Presence is read
+  once when the generation begins and re-read in the background every
+  ``presence_refresh_s``; a socket that joins another replica in between is covered by that
+  replica's follower, so the relay never waits on Redis per chunk.
+- ``run_complete`` is the old behaviour for users the flag keeps off streaming.
+- ``follow`` replays a generation running elsewhere to one joining socket, from the backend's
+  resume endpoint (any replica can serve it), then follows it live to its terminal event.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import structlog
+
+from bridge import payloads
+from bridge.errors import StoreError, UpstreamError, UpstreamHttpError
+from bridge.fanout import CHUNK, START
+from bridge.payloads import Payload
+from bridge.rooms import InFlight, RoomRegistry
+from bridge.settings import Timeouts
+from bridge.sio import AckFn, SocketServer
+from bridge.upstream import Chunk, End, Failed, Start, Upstream
+from contracts import ChatRequest, ErrorCode, Path
+
+log = structlog.get_logger("bridge.sinks")
+
+
+class RoomSink:
+    """``EventSink`` of one relay on a live server."""
+
+    def __init__(
+        self,
+        *,
+        server: SocketServer,
+        rooms: RoomRegistry,
+        sid: str,
+        request: ChatRequest,
+        ack: AckFn,
+        presence_refresh_s: float,
+    ) -> None:
+        self._server = server
+        self._rooms = rooms
+        self._sid = sid
+        self._request = request
+        self._ack = ack
+        self._refresh_s = presence_refresh_s
+        self._next_check = float("inf")
+        self._checking = False
+        self.remote = False
+        self.acked = False
+        self.began = False
+        self.terminal_sent = False
+
+    def ack(self, payload: Payload) -> None:
+        self.acked = True
+        self._ack(payload)
+
+    async def begin(self, message_id: str) -> None:
+        req = self._request
+        try:
+            self.remote = await self._rooms.begin(
+                req.room_id, req.request_id, req.user_id, message_id
+            )
+        except StoreError:
+            log.warning("presence_unknown_publishing")
+            self.remote = True  # unknown: the queue is the safe choice
+        self.began = True
+        self._next_check = time.monotonic() + self._refresh_s
+
+    async def room(self, event: str, payload: Payload) -> None:
+        room_id = self._request.room_id
+        self._server.emit_local(room_id, event, payload)
+        if event in ("ai_message_end", "ai_message_error"):
+            self.terminal_sent = True
+        if not self.remote and time.monotonic() >= self._next_check:
+            self._recheck()
+        if self.remote:
+            await self._server.publish(room_id, event, payload)
+
+    def sender(self, event: str, payload: Payload) -> None:
+        self._server.emit_to(self._sid, event, payload)
+
+    async def finish(self) -> None:
+        if not self.began:
+            return
+        try:
+            await self._rooms.finish(self._request.room_id, self._request.request_id)
+        except StoreError:
+            log.warning("inflight_not_cleared")
+
+    def _recheck(self) -> None:
+        self._next_check = time.monotonic() + self._refresh_s
+        if not self._checking:
+            self._checking = True
+            self._server.spawn(self._check())
+
+    async def _check(self) -> None:
+        try:
+            if await self._rooms.has_remote_members(self._request.room_id):
+                self.remote = True
+        except StoreError:
+            self.remote = True
+        finally:
+            self._checking = False
+
+
+async def run_complete(
+    *,
+    server: SocketServer,
+    rooms: RoomRegistry,
+    upstream: Upstream,
+    sid: str,
+    request: ChatRequest,
+    ack: AckFn,
+    traceparent: str,
+    timeouts: Timeouts,
+) -> tuple[bool, ErrorCode | None]:
+    """The complete path (CONTRACT.md section 1): ack, user and assistant ``new_message``, done."""
+    rid, room_id = request.request_id, request.room_id
+    ack(payloads.accepted(rid, room_id, None, Path.COMPLETE))
+    try:
+        remote = await rooms.has_remote_members(room_id)
+    except StoreError:
+        remote = True
+    try:
+        body = await upstream.complete(request, traceparent, timeouts.total_s)
+    except UpstreamError as exc:
+        ack_payload = payloads.message_ack(
+            rid, room_id, None, ok=False, path=Path.COMPLETE, code=exc.code
+        )
+        server.emit_to(sid, "message_ack", ack_payload)
+        return False, exc.code
+    user = payloads.new_message(
+        room_id=room_id, message_id=f"u:{rid}"[:128], request_id=rid, role="user",
+        content=request.content, user_id=request.user_id, character_id=request.character_id,
+    )  # fmt: skip
+    reply = payloads.new_message(
+        room_id=room_id, message_id=body.message_id, request_id=rid, role="assistant",
+        content=body.content, user_id=None, character_id=request.character_id,
+    )  # fmt: skip
+    for message in (user, reply):
+        server.emit_local(room_id, "new_message", message)
+        if remote:
+            await server.publish(room_id, "new_message", message)
+    done = payloads.message_ack(rid, room_id, body.message_id, ok=True, path=Path.COMPLETE)
+    server.emit_to(sid, "message_ack", done)
+    return True, None
+
+
+async def follow(
+    *,
+    server: SocketServer,
+    upstream: Upstream,
+    sid: str,
+    room_id: str,
+    item: InFlight,
+    traceparent: str,
+    timeouts: Timeouts,
+) -> None:
+    """Replay ``item`` to socket ``sid`` from the backend, then follow it live to its end."""
+    server.filter.follow(sid, item.message_id)
+    expected = 0
+    announced = False
+    try:
+        for _attempt in range(timeouts.max_resumes + 1):
+            last_seq = expected - 1 if announced and expected > 0 else None
+            try:
+                stream = await upstream.resume(item.request_id, item.user_id, last_seq, traceparent)
+            except UpstreamHttpError as exc:
+                if exc.status == 404:
+                    return
+                continue
+            except UpstreamError:
+                continue
+            try:
+                while True:
+                    wait = timeouts.idle_s if expected else timeouts.first_chunk_s
+                    event = await stream.next_event(wait)
+                    if type(event) is Start and not announced:
+                        announced = True
+                        start = payloads.start(item.request_id, room_id, event.message_id)
+                        server.emit_to(sid, START, start, follower=True)
+                    elif type(event) is Chunk and announced and event.seq == expected:
+                        expected += 1
+                        chunk = payloads.chunk(
+                            item.request_id, room_id, item.message_id, event.seq, event.text
+                        )
+                        server.emit_to(sid, CHUNK, chunk, follower=True)
+                    elif type(event) is Failed and event.body.retryable:
+                        return  # the relay falls back; its result reaches the room live
+                    elif type(event) in (End, Failed) and announced:
+                        server.emit_to(sid, *_terminal(event, item, room_id), follower=True)
+                        return
+            except UpstreamError:
+                pass
+            finally:
+                await stream.aclose()
+    finally:
+        server.filter.unfollow(sid, item.message_id)
+
+
+def _terminal(event: Any, item: InFlight, room_id: str) -> tuple[str, Payload]:
+    if type(event) is End:
+        timing = payloads.latency(
+            accepted_ms=None, first_chunk_ms=None, total_ms=None, backend=event.body.latency
+        )
+        end = payloads.end(item.request_id, room_id, event.body, timing)
+        end["messageId"] = item.message_id
+        return "ai_message_end", end
+    body = event.body
+    err = payloads.error(item.request_id, room_id, item.message_id, body.code, body.message)
+    return "ai_message_error", err

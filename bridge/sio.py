@@ -1,0 +1,306 @@
+"""The one typed wrapper around python-socketio's untyped ``AsyncServer``.
+
+Choices, and why (do not "simplify" them without reading this):
+
+- ASGI under uvicorn (uvloop + httptools + websockets), as ARCHITECTURE.md draws it: one event
+  loop per process, the probes and /metrics served by a tiny ASGI app next to ``/socket.io``.
+- Handlers get an explicit ``ack`` callable instead of returning the ack: the ``send_message`` ack
+  must reach the sender *before* ``new_message`` (CONTRACT.md ordering, step 1), but the relay
+  decides when it is accepted (on the backend's ``start``). ``_handle_event_internal`` is
+  overridden for the events registered with ``on``; others keep python-socketio's behaviour.
+- Room emits skip ``AsyncManager.emit`` (one task per recipient) and ``AsyncPubSubManager.emit``
+  (every emit through Redis and back, even when no other replica has members): the packet is
+  encoded once and put straight on each local socket's Engine.IO queue; Redis carries it only
+  when another replica has members of the room (``publish``). Events that arrive from other
+  replicas through the queue take the same local path (``_handle_emit`` override).
+- Every packet to a socket goes through ``_push``: the per-socket output is bounded
+  (``socket_max_queue`` packets); a socket over the bound is disconnected, its queue dropped
+  (it recovers by reconnecting and re-joining), instead of growing memory for a slow reader.
+- ``DeliveryFilter`` (bridge/fanout.py) orders the ``ai_message_*`` events per socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import socketio
+import structlog
+from engineio import packet as eio_packet
+
+from bridge.fanout import DeliveryFilter, encode, encode_ack
+
+log = structlog.get_logger("bridge.sio")
+
+NAMESPACE = "/"
+KICK_CLOSE_TIMEOUT_S = 5.0
+
+Payload = dict[str, Any]
+AckFn = Callable[[Payload], None]
+EventHandler = Callable[[str, object, AckFn], Awaitable[None]]
+ConnectHandler = Callable[[str, dict[str, Any], object], Awaitable[None]]
+DisconnectHandler = Callable[[str], Awaitable[None]]
+
+
+class Refused(Exception):
+    """Raised by the connect handler: the client gets ``connect_error`` with ``{code, message}``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class _Manager(socketio.AsyncRedisManager):  # type: ignore[misc]
+    local_emit: Callable[[str, str, Payload], None]
+
+    async def _handle_emit(self, message: dict[str, Any]) -> None:
+        data, room, event = message.get("data"), message.get("room"), message.get("event")
+        if (
+            message.get("callback") is None
+            and not message.get("binary")
+            and message.get("namespace", NAMESPACE) == NAMESPACE
+            and isinstance(room, str)
+            and isinstance(event, str)
+            and isinstance(data, list)
+            and len(data) == 1
+            and isinstance(data[0], dict)
+        ):
+            self.local_emit(room, event, data[0])
+            return
+        await super()._handle_emit(message)
+
+
+class _Server(socketio.AsyncServer):  # type: ignore[misc]
+    owner: SocketServer
+
+    async def _handle_event_internal(
+        self, server: Any, sid: str, eio_sid: str, data: list[Any], namespace: Any, id: Any
+    ) -> None:
+        handler = self.owner.handler_for(data[0] if data else None, namespace)
+        if handler is None:
+            await super()._handle_event_internal(server, sid, eio_sid, data, namespace, id)
+            return
+        await self.owner.dispatch(handler, sid, eio_sid, data, id)
+
+    async def _send_packet(self, eio_sid: str, pkt: Any) -> None:
+        encoded = pkt.encode()
+        for part in encoded if isinstance(encoded, list) else [encoded]:
+            self.owner.push(eio_sid, eio_packet.Packet(eio_packet.MESSAGE, part))
+
+    async def _send_eio_packet(self, eio_sid: str, eio_pkt: Any) -> None:
+        self.owner.push(eio_sid, eio_pkt)
+
+
+class SocketServer:
+    """Typed face of the Socket.IO server: handlers, rooms, bounded sends, cross-replica emits."""
+
+    def __init__(
+        self,
+        *,
+        redis_url: str,
+        channel: str,
+        socket_max_queue: int,
+        cors_origins: tuple[str, ...],
+        on_connect: ConnectHandler,
+        on_disconnect: DisconnectHandler,
+    ) -> None:
+        self._manager = _Manager(redis_url, channel=channel)
+        self._manager.local_emit = self.emit_local
+        cors: str | list[str] | None = None
+        if cors_origins:
+            cors = "*" if "*" in cors_origins else list(cors_origins)
+        self._sio = _Server(
+            client_manager=self._manager,
+            async_mode="asgi",
+            cors_allowed_origins=cors,
+            logger=False,
+            engineio_logger=False,
+        )
+        self._sio.owner = self
+        self._handlers: dict[str, EventHandler] = {}
+        self._max_queue = socket_max_queue
+        self._kicked: set[str] = set()
+        self.kicks = 0
+        self.filter = DeliveryFilter()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self._register(on_connect, on_disconnect)
+
+    @property
+    def host_id(self) -> str:
+        return str(self._manager.host_id)
+
+    def asgi_app(self, other: Any) -> Any:
+        return socketio.ASGIApp(self._sio, other_asgi_app=other, socketio_path="socket.io")
+
+    def on(self, event: str, handler: EventHandler) -> None:
+        self._handlers[event] = handler
+
+    def handler_for(self, event: object, namespace: object) -> EventHandler | None:
+        if namespace not in (None, NAMESPACE) or not isinstance(event, str):
+            return None
+        return self._handlers.get(event)
+
+    async def dispatch(
+        self, handler: EventHandler, sid: str, eio_sid: str, data: list[Any], ack_id: Any
+    ) -> None:
+        sent = False
+
+        def ack(payload: Payload) -> None:
+            nonlocal sent
+            if sent or not isinstance(ack_id, int):
+                return
+            sent = True
+            self.push(eio_sid, encode_ack(ack_id, payload))
+
+        try:
+            await handler(sid, data[1] if len(data) > 1 else None, ack)
+        except Exception:
+            log.exception("handler_failed", event=data[0])
+            ack({"ok": False, "code": "INTERNAL", "message": "internal error"})
+
+    # ---- sending --------------------------------------------------------------------------
+
+    def push(self, eio_sid: str, pkt: Any) -> bool:
+        """Queue one packet for a socket, unless its output bound is exceeded (then kick it)."""
+        sock = self._sio.eio.sockets.get(eio_sid)
+        if sock is None or sock.closed or sock.closing or eio_sid in self._kicked:
+            return False
+        queue = sock.queue
+        if queue.qsize() >= self._max_queue:
+            self._kick(eio_sid, queue)
+            return False
+        queue.put_nowait(pkt)
+        return True
+
+    def emit_to(self, sid: str, event: str, payload: Payload, *, follower: bool = False) -> None:
+        """An event for one local socket (through the delivery filter)."""
+        eio_sid = self._manager.eio_sid_from_sid(sid, NAMESPACE)
+        if eio_sid is not None and self.filter.admit(sid, event, payload, follower=follower):
+            self.push(eio_sid, encode(event, payload))
+
+    def emit_local(self, room: str, event: str, payload: Payload) -> None:
+        """An event for every socket of ``room`` on this replica; encoded once."""
+        pkt = None
+        for sid, eio_sid in self._participants(room):
+            if self.filter.admit(sid, event, payload):
+                if pkt is None:
+                    pkt = encode(event, payload)
+                self.push(eio_sid, pkt)
+
+    async def publish(self, room: str, event: str, payload: Payload) -> None:
+        """Hand an event to the other replicas (python-socketio's Redis queue format)."""
+        await self._manager._publish(
+            {
+                "method": "emit",
+                "event": event,
+                "data": [payload],
+                "binary": False,
+                "namespace": NAMESPACE,
+                "room": room,
+                "skip_sid": None,
+                "callback": None,
+                "host_id": self._manager.host_id,
+            }
+        )
+
+    # ---- rooms and sockets ----------------------------------------------------------------
+
+    async def enter_room(self, sid: str, room: str) -> None:
+        await self._sio.enter_room(sid, room)
+
+    async def leave_room(self, sid: str, room: str) -> None:
+        await self._sio.leave_room(sid, room)
+
+    def in_room(self, sid: str, room: str) -> bool:
+        return room in self.rooms_of(sid)
+
+    def rooms_of(self, sid: str) -> list[str]:
+        rooms = self._manager.get_rooms(sid, NAMESPACE)
+        return [r for r in rooms if isinstance(r, str) and r != sid]
+
+    def local_members(self, room: str) -> int:
+        return sum(1 for _ in self._participants(room))
+
+    def local_rooms(self) -> list[str]:
+        ns = self._manager.rooms.get(NAMESPACE, {})
+        sids = ns.get(None, {})
+        return [room for room in ns if isinstance(room, str) and room not in sids]
+
+    def connected(self) -> int:
+        return len(self._manager.rooms.get(NAMESPACE, {}).get(None, {}))
+
+    async def disconnect(self, sid: str) -> None:
+        await self._sio.disconnect(sid)
+
+    def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        """A background task kept referenced until it ends (python-socketio's pattern)."""
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def shutdown(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=5.0)
+        await self._sio.shutdown()
+        manager_task = getattr(self._manager, "thread", None)
+        if isinstance(manager_task, asyncio.Task):
+            manager_task.cancel()
+            await asyncio.wait([manager_task], timeout=2.0)
+        redis = getattr(self._manager, "redis", None)
+        if redis is not None:
+            await redis.aclose()
+
+    def _participants(self, room: str) -> Iterator[tuple[str, str]]:
+        members = self._manager.rooms.get(NAMESPACE, {}).get(room)
+        if not members:
+            return iter(())
+        return iter(list(members.items()))
+
+    def _kick(self, eio_sid: str, queue: asyncio.Queue[Any]) -> None:
+        self._kicked.add(eio_sid)
+        self.kicks += 1
+        while not queue.empty():  # drop what it never read: that is the memory being bounded
+            queue.get_nowait()
+            queue.task_done()
+        sid = self._manager.sid_from_eio_sid(eio_sid, NAMESPACE)
+        log.warning("slow_consumer_disconnected", sid=sid, bound=self._max_queue)
+        self.spawn(self._close_kicked(eio_sid, sid))
+
+    async def _close_kicked(self, eio_sid: str, sid: str | None) -> None:
+        try:
+            async with asyncio.timeout(KICK_CLOSE_TIMEOUT_S):
+                if sid is not None:
+                    await self._sio.disconnect(sid)
+                sock = self._sio.eio.sockets.get(eio_sid)
+                if sock is not None:
+                    await sock.close(wait=False, abort=True)
+        except Exception:
+            log.exception("kick_close_failed", sid=sid)
+        finally:
+            self._kicked.discard(eio_sid)
+
+    def _register(self, on_connect: ConnectHandler, on_disconnect: DisconnectHandler) -> None:
+        async def connect(sid: str, environ: dict[str, Any], auth: object = None) -> None:
+            try:
+                await on_connect(sid, environ, auth)
+            except Refused as exc:
+                raise socketio.exceptions.ConnectionRefusedError(
+                    exc.message, {"code": exc.code, "message": exc.message}
+                ) from None
+            except Exception:
+                log.exception("connect_failed")
+                raise socketio.exceptions.ConnectionRefusedError(
+                    "internal error", {"code": "INTERNAL", "message": "internal error"}
+                ) from None
+
+        async def disconnect(sid: str, reason: object = None) -> None:
+            self.filter.forget(sid)
+            await on_disconnect(sid)
+
+        self._sio.on("connect", connect)
+        self._sio.on("disconnect", disconnect)

@@ -1,0 +1,110 @@
+"""``python -m bridge stack``: the whole system on embedded defaults, for a demo or a load test.
+
+Embedded Redis, the backend as a child process (``python -m backend_stream``: the two services
+never import each other), the bridge in this process. Prints the URLs, a dev JWT and, once
+everything answers, one machine-readable line::
+
+    READY {"bridgeUrl": ..., "backendUrl": ..., "redisUrl": ..., "jwtSecret": ..., "token": ...}
+
+Ctrl-C / SIGTERM stops the bridge, then the backend, then Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+
+import httpx
+
+from bridge.app import Bridge
+from bridge.auth import make_token
+from bridge.settings import DEV_BACKEND_TOKEN, DEV_JWT_SECRET, Settings
+from contracts.redis_server import EmbeddedRedis, free_port
+
+BACKEND_START_TIMEOUT_S = 30.0
+BACKEND_STOP_TIMEOUT_S = 10.0
+DEV_USER = "dev-user"
+
+
+def start_backend(host: str, port: int, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "backend_stream", "--host", host, "--port", str(port)]
+    return subprocess.Popen(argv, env=dict(env), stdout=sys.stderr, stderr=sys.stderr)
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"backend exited with {proc.returncode} at start")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"backend not healthy within {timeout_s}s")
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(BACKEND_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(BACKEND_STOP_TIMEOUT_S)
+
+
+def run_stack(host: str, port: int, environ: Mapping[str, str]) -> int:
+    redis = EmbeddedRedis().start()
+    backend: subprocess.Popen[bytes] | None = None
+    try:
+        backend_port = free_port(host)
+        backend_url = f"http://{host}:{backend_port}"
+        token = environ.get("BACKEND_TOKEN") or DEV_BACKEND_TOKEN
+        secret = environ.get("JWT_SECRET") or DEV_JWT_SECRET
+        env = {**environ, "REDIS_URL": redis.url, "BACKEND_TOKEN": token}
+        env.setdefault("PROVIDER", "scripted")
+        backend = start_backend(host, backend_port, env)
+        wait_healthy(backend_url, backend, BACKEND_START_TIMEOUT_S)
+        settings = Settings.from_env({**env, "BACKEND_URL": backend_url, "JWT_SECRET": secret})
+        bridge = Bridge(settings, redis_url=redis.url)
+        info = {
+            "bridgeUrl": f"http://{host}:{port}",
+            "backendUrl": backend_url,
+            "redisUrl": redis.url,
+            "jwtSecret": secret,
+            "token": make_token(secret, DEV_USER, roles=["internal"], ttl_s=86_400),
+        }
+
+        async def announce() -> None:
+            print(_banner(info), flush=True)
+            print("READY " + json.dumps(info), flush=True)
+
+        asyncio.run(bridge.serve(host, port, on_ready=announce))
+        return 0
+    finally:
+        if backend is not None:
+            stop_process(backend)
+        redis.stop()
+
+
+def _banner(info: Mapping[str, str]) -> str:
+    return "\n".join(
+        [
+            "chat stack is up",
+            f"  bridge   {info['bridgeUrl']}  (Socket.IO v4 at /socket.io; /healthz /metrics)",
+            f"  backend  {info['backendUrl']}",
+            f"  redis    {info['redisUrl']}",
+            f"  dev JWT for user {DEV_USER!r} (24 h, signed with JWT_SECRET={info['jwtSecret']}):",
+            f"    {info['token']}",
+            "  try it:",
+            f"    python -m bridge client --url {info['bridgeUrl']} --token <JWT> --room demo",
+            "  more tokens: python -m bridge token <userId> [--roles internal,admin]",
+            "  Ctrl-C stops everything.",
+        ]
+    )

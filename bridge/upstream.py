@@ -1,0 +1,264 @@
+"""The backend client: one shared ``httpx.AsyncClient`` (keep-alive pool) and httpx-sse.
+
+Every request carries the service token and a W3C ``traceparent`` (CONTRACT.md section 2).
+Errors leave this module only as ``bridge.errors.UpstreamError`` subclasses (``translating``).
+
+Hot path: a chunk event is decoded with ``json.loads`` and two type checks, not a pydantic
+model; the rare events (start, end, error, JSON replies) go through the contract models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import quote
+
+import httpx
+import httpx_sse
+
+from bridge.errors import (
+    UpstreamDisconnected,
+    UpstreamHttpError,
+    UpstreamProtocolError,
+    code_for_status,
+    translating,
+)
+from bridge.settings import Timeouts
+from contracts import (
+    ChatRequest,
+    CompleteResponse,
+    ContractError,
+    ErrorBody,
+    StreamEnd,
+    StreamError,
+    StreamStart,
+    parse_json,
+)
+
+MAX_ERROR_BODY_BYTES = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    message_id: str
+    user_message_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    seq: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    body: StreamEnd
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    body: StreamError
+
+
+UpstreamEvent = Start | Chunk | End | Failed
+
+
+class UpstreamStream(Protocol):
+    """One open SSE stream of a generation."""
+
+    async def next_event(self, timeout_s: float) -> UpstreamEvent:
+        """The next event; ``UpstreamDisconnected`` at EOF, ``UpstreamTimeout`` after the wait."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class Upstream(Protocol):
+    """The backend endpoints a relay uses (CONTRACT.md section 2)."""
+
+    async def open_stream(self, request: ChatRequest, traceparent: str) -> UpstreamStream: ...
+
+    async def resume(
+        self, request_id: str, user_id: str, last_seq: int | None, traceparent: str
+    ) -> UpstreamStream: ...
+
+    async def complete(
+        self, request: ChatRequest, traceparent: str, timeout_s: float
+    ) -> CompleteResponse: ...
+
+    async def cancel(self, request_id: str, user_id: str, traceparent: str) -> None: ...
+
+
+def decode_event(name: str, data: str) -> UpstreamEvent | None:
+    """One SSE event as an ``UpstreamEvent``; ``None`` for names the contract does not know."""
+    if name == "chunk":
+        raw: Any = json.loads(data)
+        seq, text = raw["seq"], raw["chunk"]
+        if type(seq) is not int or seq < 0 or type(text) is not str:
+            raise UpstreamProtocolError("chunk: seq or chunk has the wrong type")
+        return Chunk(seq, text)
+    try:
+        if name == "start":
+            start = parse_json(StreamStart, data)
+            return Start(start.message_id, start.user_message_id)
+        if name == "end":
+            return End(parse_json(StreamEnd, data))
+        if name == "error":
+            return Failed(parse_json(StreamError, data))
+    except ContractError as exc:
+        raise UpstreamProtocolError(f"{name}: {exc.message}") from None
+    return None
+
+
+class HttpUpstreamStream:
+    """An open ``text/event-stream`` response read event by event."""
+
+    def __init__(self, response: httpx.Response, what: str) -> None:
+        self._response = response
+        self._what = what
+        self._events: AsyncGenerator[httpx_sse.ServerSentEvent, None] = httpx_sse.EventSource(
+            response
+        ).aiter_sse()
+
+    async def next_event(self, timeout_s: float) -> UpstreamEvent:
+        with translating(self._what):
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    try:
+                        sse = await anext(self._events)
+                    except StopAsyncIteration:
+                        raise UpstreamDisconnected(f"{self._what}: stream ended early") from None
+                    event = decode_event(sse.event, sse.data)
+                    if event is not None:
+                        return event
+
+    async def aclose(self) -> None:
+        try:
+            await self._events.aclose()
+        except Exception:  # closing a broken stream must not raise
+            pass
+        await self._response.aclose()
+
+
+class HttpUpstream:
+    """``Upstream`` over HTTP/1.1 keep-alive; the pool is shared by every relay."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        token: str,
+        timeouts: Timeouts,
+        max_connections: int,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._timeouts = timeouts
+        self._client = httpx.AsyncClient(
+            base_url=base_url,
+            headers={"Authorization": f"Bearer {token}"},
+            # Read waits are bounded per event by the relay (first event, TTFT, idle), so the
+            # transport's own read timeout is off; connect and pool waits stay bounded here.
+            timeout=httpx.Timeout(connect=timeouts.connect_s, read=None, write=5.0, pool=5.0),
+            limits=httpx.Limits(
+                max_connections=max_connections,
+                max_keepalive_connections=max_connections,
+                keepalive_expiry=30.0,
+            ),
+            transport=transport,
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def open_stream(self, request: ChatRequest, traceparent: str) -> UpstreamStream:
+        req = self._client.build_request(
+            "POST",
+            "/chat/messages/stream",
+            content=request.wire_json(),
+            headers=_headers(traceparent, sse=True),
+        )
+        return await self._send_stream(req, "open stream")
+
+    async def resume(
+        self, request_id: str, user_id: str, last_seq: int | None, traceparent: str
+    ) -> UpstreamStream:
+        headers = _headers(traceparent, sse=True)
+        if last_seq is not None:
+            headers["Last-Event-ID"] = str(last_seq)
+        req = self._client.build_request(
+            "GET",
+            f"/chat/messages/stream/{quote(request_id, safe='')}",
+            params={"userId": user_id},
+            headers=headers,
+        )
+        return await self._send_stream(req, "resume stream")
+
+    async def complete(
+        self, request: ChatRequest, traceparent: str, timeout_s: float
+    ) -> CompleteResponse:
+        with translating("complete"):
+            async with asyncio.timeout(timeout_s):
+                response = await self._client.post(
+                    "/chat/messages",
+                    content=request.wire_json(),
+                    headers=_headers(traceparent, sse=False),
+                )
+                if response.status_code != 200:
+                    raise _http_error(response.status_code, response.content)
+                return CompleteResponse.model_validate_json(response.content)
+
+    async def cancel(self, request_id: str, user_id: str, traceparent: str) -> None:
+        with translating("cancel"):
+            async with asyncio.timeout(self._timeouts.cancel_s):
+                response = await self._client.post(
+                    f"/chat/messages/{quote(request_id, safe='')}/cancel",
+                    params={"userId": user_id},
+                    headers=_headers(traceparent, sse=False),
+                )
+                if response.status_code != 200:
+                    raise _http_error(response.status_code, response.content)
+
+    async def _send_stream(self, req: httpx.Request, what: str) -> UpstreamStream:
+        with translating(what):
+            async with asyncio.timeout(self._timeouts.connect_s + self._timeouts.first_event_s):
+                response = await self._client.send(req, stream=True)
+            try:
+                if response.status_code != 200:
+                    async with asyncio.timeout(self._timeouts.connect_s):
+                        body = await _read_capped(response)
+                    raise _http_error(response.status_code, body)
+                content_type = response.headers.get("content-type", "")
+                if not content_type.startswith("text/event-stream"):
+                    raise UpstreamProtocolError(f"{what}: not an event stream")
+            except BaseException:
+                await response.aclose()
+                raise
+            return HttpUpstreamStream(response, what)
+
+
+def _headers(traceparent: str, *, sse: bool) -> dict[str, str]:
+    headers = {"traceparent": traceparent, "Content-Type": "application/json"}
+    if sse:
+        headers["Accept"] = "text/event-stream"
+        headers["Cache-Control"] = "no-store"
+    return headers
+
+
+async def _read_capped(response: httpx.Response) -> bytes:
+    body = bytearray()
+    async for part in response.aiter_bytes():
+        body += part
+        if len(body) >= MAX_ERROR_BODY_BYTES:
+            break
+    return bytes(body[:MAX_ERROR_BODY_BYTES])
+
+
+def _http_error(status: int, body: bytes) -> UpstreamHttpError:
+    try:
+        parsed = ErrorBody.model_validate_json(body)
+        return UpstreamHttpError(status, parsed.code, parsed.message)
+    except ValueError:
+        return UpstreamHttpError(status, code_for_status(status), f"backend answered {status}")

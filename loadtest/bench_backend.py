@@ -1,0 +1,219 @@
+"""Backend overhead benchmark (issue 2): TTFT seen by an SSE client minus the scripted TTFT.
+
+Starts its own embedded Redis and one backend process, then for each concurrency level keeps
+that many SSE streams open (httpx + httpx-sse): N closed-loop workers, their starts spread over
+one stream's length so arrivals are steady rather than one burst, each opening its next stream
+when the last one ends, for ``--duration-s``. Only streams opened after the ramp count. It
+reports p50/p95 of the overhead, and the Redis commands per chunk from INFO commandstats deltas.
+``--burst`` instead opens all N at the same instant (a thundering herd: the overhead then
+includes queueing behind the other N-1 starts, ~2 ms of CPU each on a small machine).
+On the hot path a chunk costs one round trip (one XADD; the first is pipelined with its
+EXPIRE); each generation adds a fixed three
+(claim script, load-and-store pipeline, terminal MULTI).
+
+    .venv/bin/python -m loadtest.bench_backend --streams 1,100,500
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import httpx
+import httpx_sse
+import psutil
+import redis
+
+from contracts.redis_server import EmbeddedRedis, free_port
+
+TOKEN = "bench-token"
+DEFAULT_STREAMS = "1,100,500"
+DEFAULT_TTFT_MS = 200.0
+DEFAULT_TOKENS = 20
+DEFAULT_TOKENS_PER_S = 50.0
+DEFAULT_DURATION_S = 10.0
+READY_TIMEOUT_S = 30.0
+STREAM_TIMEOUT_S = 120.0
+
+
+@dataclass
+class Level:
+    streams: int
+    overheads_ms: list[float] = field(default_factory=list)
+    chunks: int = 0
+    errors: int = 0
+    commands: dict[str, int] = field(default_factory=dict)
+    wall_s: float = 0.0
+    server_cpu_s: float = 0.0
+
+
+def percentile(values: list[float], pct: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered)) - 1))]
+
+
+def start_backend(redis_url: str, port: int, args: argparse.Namespace) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "BACKEND_TOKEN": TOKEN,
+        "PROVIDER": "scripted",
+        "SCRIPTED_TTFT_MS": str(args.ttft_ms),
+        "SCRIPTED_TOKENS_PER_S": str(args.tps),
+        "SCRIPTED_REPLY_TOKENS": str(args.tokens),
+        "LOG_LEVEL": "WARNING",
+    }
+    cmd = [sys.executable, "-m", "backend_stream", "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise TimeoutError("backend did not become ready")
+
+
+def command_counts(client: redis.Redis) -> dict[str, int]:
+    stats = client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+
+async def one_stream(client: httpx.AsyncClient, ttft_ms: float, level: Level) -> None:
+    payload = {
+        "requestId": f"bench-{uuid.uuid4().hex}",
+        "roomId": f"room-{uuid.uuid4().hex[:8]}",
+        "userId": f"user-{uuid.uuid4().hex[:8]}",
+        "content": "benchmark message",
+    }
+    began = time.perf_counter()
+    first = True
+    try:
+        async with httpx_sse.aconnect_sse(
+            client, "POST", "/chat/messages/stream", json=payload
+        ) as source:
+            async for event in source.aiter_sse():
+                if event.event == "chunk":
+                    if first:
+                        level.overheads_ms.append((time.perf_counter() - began) * 1000 - ttft_ms)
+                        first = False
+                    level.chunks += 1
+                elif event.event == "error":
+                    level.errors += 1
+    except httpx.HTTPError:
+        level.errors += 1
+
+
+async def worker(
+    client: httpx.AsyncClient, index: int, level: Level, args: argparse.Namespace
+) -> None:
+    cycle_s = args.ttft_ms / 1000 + (args.tokens / args.tps if args.tps > 0 else 0.0)
+    began = time.perf_counter()
+    await asyncio.sleep(cycle_s * index / level.streams)
+    measured_from = began + cycle_s  # all N streams are open from here on
+    scratch = Level(level.streams)
+    while time.perf_counter() - began < args.duration_s:
+        counting = time.perf_counter() >= measured_from
+        await one_stream(client, args.ttft_ms, level if counting else scratch)
+
+
+async def run_level(base_url: str, streams: int, args: argparse.Namespace) -> Level:
+    level = Level(streams)
+    limits = httpx.Limits(max_connections=streams + 10, max_keepalive_connections=streams + 10)
+    async with httpx.AsyncClient(
+        base_url=base_url,
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=STREAM_TIMEOUT_S,
+        limits=limits,
+    ) as client:
+        began = time.perf_counter()
+        if args.burst:
+            await asyncio.gather(*(one_stream(client, args.ttft_ms, level) for _ in range(streams)))
+        else:
+            await asyncio.gather(*(worker(client, i, level, args) for i in range(streams)))
+        level.wall_s = time.perf_counter() - began
+    return level
+
+
+def report(level: Level, before: dict[str, int], after: dict[str, int]) -> str:
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    delta = {k: v for k, v in delta.items() if v > 0 and k not in {"info", "config|resetstat"}}
+    chunks = max(level.chunks, 1)
+    xadd = delta.get("xadd", 0)
+    total = sum(delta.values())
+    return (
+        f"{level.streams:>7} {len(level.overheads_ms):>5} {level.errors:>6} "
+        f"{percentile(level.overheads_ms, 50):>9.2f} {percentile(level.overheads_ms, 95):>9.2f} "
+        f"{max(level.overheads_ms, default=float('nan')):>9.2f} {level.chunks:>7} "
+        f"{xadd / chunks:>10.2f} {total / chunks:>10.2f} {level.wall_s:>7.2f} "
+        f"{100 * level.server_cpu_s / max(level.wall_s, 1e-9):>5.0f}"
+    )
+
+
+async def bench(args: argparse.Namespace) -> None:
+    with EmbeddedRedis() as redis_server:
+        port = free_port()
+        proc = start_backend(redis_server.url, port, args)
+        stats = redis.Redis(host=redis_server.host, port=redis_server.port, decode_responses=True)
+        server = psutil.Process(proc.pid)
+        try:
+            base_url = f"http://127.0.0.1:{port}"
+            warm = argparse.Namespace(**{**vars(args), "burst": True})
+            await run_level(base_url, 1, warm)  # warm-up: imports, connections, scripts
+            mode = "burst" if args.burst else f"steady, {args.duration_s:g} s per level"
+            print(
+                f"{mode}; scripted TTFT {args.ttft_ms:g} ms, {args.tokens} tokens at "
+                f"{args.tps:g}/s; overhead = client TTFT - scripted TTFT"
+            )
+            print(
+                f"{'streams':>7} {'ok':>5} {'errors':>6} {'p50 ms':>9} {'p95 ms':>9} {'max ms':>9} "
+                f"{'chunks':>7} {'xadd/chk':>10} {'cmds/chk':>10} {'wall s':>7} {'cpu%':>5}",
+                flush=True,
+            )
+            for streams in args.streams:
+                before = command_counts(stats)
+                cpu_before = sum(server.cpu_times()[:2])
+                level = await run_level(base_url, streams, args)
+                level.server_cpu_s = sum(server.cpu_times()[:2]) - cpu_before
+                print(report(level, before, command_counts(stats)), flush=True)
+        finally:
+            stats.close()
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--streams", default=DEFAULT_STREAMS, help="comma-separated levels")
+    parser.add_argument("--ttft-ms", type=float, default=DEFAULT_TTFT_MS)
+    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS)
+    parser.add_argument("--tps", type=float, default=DEFAULT_TOKENS_PER_S)
+    parser.add_argument("--duration-s", type=float, default=DEFAULT_DURATION_S)
+    parser.add_argument("--burst", action="store_true", help="open all N streams at once")
+    args = parser.parse_args(argv)
+    args.streams = [int(x) for x in str(args.streams).split(",") if x.strip()]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    asyncio.run(bench(parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

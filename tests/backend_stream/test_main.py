@@ -1,0 +1,35 @@
+"""``python -m backend_stream`` without REDIS_URL runs on its own embedded Redis."""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+import psutil
+
+from tests.support.procs import ServerProcess
+
+
+def test_launcher_starts_embedded_redis_and_stops_it_on_exit() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    proc = ServerProcess.python_module("backend_stream", env={"SCRIPTED_TTFT_MS": "0"})
+    proc.env = {**env, "SCRIPTED_TTFT_MS": "0", "LOG_LEVEL": "INFO"}
+    proc.start()
+    try:
+        assert proc.proc is not None
+        children = psutil.Process(proc.proc.pid).children(recursive=True)
+        redis_children = [c for c in children if "redis-server" in c.name()]
+        assert len(redis_children) == 1
+        assert httpx.get(f"{proc.url}/readyz", timeout=5).status_code == 200
+        reply = httpx.post(
+            f"{proc.url}/chat/messages",
+            headers={"Authorization": "Bearer dev-backend-token"},
+            json={"requestId": "r1", "roomId": "room1", "userId": "u1", "content": "hi"},
+            timeout=30,
+        )
+        assert reply.status_code == 200
+    finally:
+        proc.stop()
+    assert not redis_children[0].is_running() or redis_children[0].status() == "zombie"
+    assert "backend_token_default" in proc.output()
+    assert "hi" not in proc.output().replace("hint", "")  # message content never logged

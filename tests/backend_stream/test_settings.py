@@ -1,0 +1,68 @@
+"""Settings from the environment: defaults, parsing, refusals."""
+
+from __future__ import annotations
+
+import pytest
+
+from backend_stream.settings import (
+    DEFAULT_FLUSH_WINDOW_MS,
+    DEFAULT_HISTORY_MESSAGES,
+    DEV_BACKEND_TOKEN,
+    ProviderName,
+    Settings,
+    SettingsError,
+)
+from contracts import DEFAULT_MAX_CONTENT_CHARS
+
+
+def test_empty_environment_gives_the_embedded_dev_defaults() -> None:
+    settings = Settings.from_env({})
+    assert settings.redis_url is None
+    assert settings.backend_token == DEV_BACKEND_TOKEN and settings.token_is_default
+    assert settings.provider is ProviderName.SCRIPTED
+    assert settings.history_messages == DEFAULT_HISTORY_MESSAGES == 10
+    assert settings.flush_window_ms == DEFAULT_FLUSH_WINDOW_MS == 30
+    assert settings.max_content_chars == DEFAULT_MAX_CONTENT_CHARS
+    assert settings.scripted.directives is False
+    assert settings.max_body_bytes >= settings.max_content_chars * 12
+
+
+def test_environment_values_are_parsed_into_typed_settings() -> None:
+    settings = Settings.from_env(
+        {
+            "REDIS_URL": "redis://example:6379/1",
+            "BACKEND_TOKEN": "tok",
+            "PROVIDER": "OpenAI",
+            "OPENAI_BASE_URL": "http://vllm:8000/v1",
+            "OPENAI_MODEL": "qwen",
+            "SCRIPTED_TTFT_MS": "12.5",
+            "SCRIPTED_DIRECTIVES": "yes",
+            "MAX_CONTENT_CHARS": "10000",
+            "SSE_PING_INTERVAL_S": "0.5",
+        }
+    )
+    assert settings.redis_url == "redis://example:6379/1"
+    assert settings.backend_token == "tok" and not settings.token_is_default
+    assert settings.provider is ProviderName.OPENAI
+    assert settings.openai.base_url == "http://vllm:8000/v1"
+    assert settings.openai.model == "qwen"
+    assert settings.scripted.ttft_ms == 12.5
+    assert settings.scripted.directives is True
+    assert settings.max_body_bytes >= 120_000
+    assert settings.ping_interval_s == 0.5
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("PROVIDER", "llama"),
+        ("HISTORY_MESSAGES", "ten"),
+        ("HISTORY_MESSAGES", "-1"),
+        ("FLUSH_WINDOW_MS", "nan"),
+        ("SCRIPTED_DIRECTIVES", "maybe"),
+        ("MODEL_TOTAL_TIMEOUT_S", "0"),
+    ],
+)
+def test_bad_values_are_refused_with_the_variable_named(name: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=name):
+        Settings.from_env({name: value})

@@ -1,0 +1,48 @@
+"""The real system for the e2e tests: backend (scripted model) and bridge as child processes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.bridge.harness import FAST_ENV
+from tests.e2e.node import ensure_node_modules
+from tests.support.procs import ServerProcess
+
+BACKEND_TOKEN = "e2e-backend-token"
+
+
+@pytest.fixture(scope="session")
+def node_modules() -> None:
+    ensure_node_modules()
+
+
+@pytest.fixture(scope="module")
+def backend(redis_url: str) -> Iterator[ServerProcess]:
+    env = {
+        "REDIS_URL": redis_url,
+        "BACKEND_TOKEN": BACKEND_TOKEN,
+        "PROVIDER": "scripted",
+        "SCRIPTED_TTFT_MS": "30",
+        "SCRIPTED_TOKENS_PER_S": "300",
+        "SCRIPTED_REPLY_TOKENS": "25",
+        "SCRIPTED_DIRECTIVES": "1",
+    }
+    with ServerProcess.python_module("backend_stream", env=env) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def bridge_url(redis_url: str, backend: ServerProcess, node_modules: None) -> Iterator[str]:
+    env = {
+        **FAST_ENV,
+        "BACKEND_URL": backend.url,
+        "BACKEND_TOKEN": BACKEND_TOKEN,
+        "REDIS_URL": redis_url,
+        "BRIDGE_FIRST_CHUNK_TIMEOUT_S": "5",
+        "BRIDGE_IDLE_TIMEOUT_S": "5",
+        "CHAT_STREAMING_DENY_USERS": "old-timer",
+    }
+    with ServerProcess.python_module("bridge", env=env) as proc:
+        yield proc.url
