@@ -6,7 +6,8 @@ BackendStreamError
 │   ├── ModelTimeout (+TimeoutError)
 │   ├── ModelRateLimited       # carries retry_after_s
 │   └── ModelFailed            # 5xx, malformed stream, refused request
-└── GenerationTimeout (+TimeoutError)  # idle between tokens / total budget exceeded
+├── GenerationTimeout (+TimeoutError)  # idle between tokens / total budget exceeded
+└── Superseded                 # our lease lapsed and another replica runs the request now
 ```
 Request errors (bad input, auth, not found) are ``contracts.ContractError``: they carry their code.
 """
@@ -24,9 +25,6 @@ class BackendStreamError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
-
-    def as_contract(self) -> ContractError:
-        return ContractError(self.code, self.message)
 
 
 class ProviderError(BackendStreamError):
@@ -51,6 +49,10 @@ class ModelFailed(ProviderError):
 
 class GenerationTimeout(BackendStreamError, TimeoutError):
     code = ErrorCode.STREAM_TIMEOUT
+
+
+class Superseded(BackendStreamError):
+    code = ErrorCode.BACKEND_FAILED
 
 
 class RequestRejected(ContractError):

@@ -1,6 +1,6 @@
 """One generation's in-process state and its fan-out to the listeners of this process.
 
-Listeners in the generating process read ``chunks`` / ``frames`` by index and wait on a
+Listeners in the generating process read ``events`` by index and wait on a
 "changed" event that is swapped on every publish: a listener takes the current event *before*
 looking at the state, with no ``await`` in between, so it can never miss a publish nor see a
 chunk twice (one event loop, no threads). Listeners elsewhere read the Redis Stream instead
@@ -11,11 +11,13 @@ the terminal entry is in Redis, so nothing here grows past one reply.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
+from backend_stream.errors import BackendStreamError
 from backend_stream.store import GenKey
 from contracts import ContractError, ErrorCode, SseEvent, StreamStart
 
@@ -74,7 +76,10 @@ class Generation:
     terminal: Event | None = None
     opened: bool = False
     cancel_requested: bool = False
-    wake: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
+    stop_error: BackendStreamError | None = None  # a timeout the runner's sweeper decided
+    finishing: bool = False  # past the point where a stop request can change the outcome
+    task: asyncio.Task[None] | None = None
+    notified_at: float = 0.0  # time.monotonic() of the last publish or poke
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -85,39 +90,49 @@ class Generation:
         """The event set at the next publish; take it before reading the state."""
         return self._changed
 
-    def publish_chunk(self, text: str) -> int:
+    def publish_chunk(self, text: str, now: float) -> int:
         seq = len(self.chunks)
         self.chunks.append(text)
         self.events.append(chunk_event(seq, text))
-        self._notify()
+        self.poke(now)
         return seq
 
     def publish_terminal(self, event: Event) -> None:
         if self.terminal is None:
             self.terminal = event
-            self._notify()
+            self.poke(time.monotonic())
 
     def mark_opened(self) -> None:
         self.opened = True
-        self._notify()
+        self.poke(time.monotonic())
 
-    def request_cancel(self, token: object) -> None:
-        if not self.cancel_requested and self.terminal is None:
+    def poke(self, now: float) -> None:
+        """Wake every listener (a publish, or the sweeper so idle listeners can ping)."""
+        self.notified_at = now
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    def request_cancel(self) -> None:
+        """Stop the model; the runner stores what was said so far (finishReason cancelled)."""
+        if self._stoppable():
             self.cancel_requested = True
-            self.wake.put_nowait(token)
+            self._stop()
+
+    def request_stop(self, error: BackendStreamError) -> None:
+        """Stop the model; the generation fails with ``error`` (a timeout)."""
+        if self._stoppable():
+            self.stop_error = error
+            self._stop()
+
+    def _stoppable(self) -> bool:
+        return not (self.finishing or self.cancel_requested or self.stop_error)
+
+    def _stop(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
 
     async def wait_opened(self, timeout_s: float) -> None:
         """Until the model accepted the request or the generation ended (or ``timeout_s``)."""
         async with asyncio.timeout(timeout_s):
             while not self.opened and self.terminal is None:
                 await self.changed().wait()
-
-    async def wait_terminal(self, timeout_s: float) -> Event:
-        async with asyncio.timeout(timeout_s):
-            while self.terminal is None:
-                await self.changed().wait()
-            return self.terminal
-
-    def _notify(self) -> None:
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()

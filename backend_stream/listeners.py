@@ -9,7 +9,6 @@ read checks the record: a generation that ended whose buffer has expired still e
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -63,22 +62,25 @@ class EventFeed:
     ) -> AsyncGenerator[Event, None]:
         yield start_event(att.start)
         i = after_seq + 1
-        deadline = time.monotonic() + self._max_total_s
+        last_write_at = time.monotonic()
+        deadline = last_write_at + self._max_total_s
         while True:
             changed = gen.changed()
             while i < len(gen.events):
                 yield gen.events[i]
                 i += 1
+                last_write_at = time.monotonic()
             if gen.terminal is not None:
                 yield _for_listener(gen.terminal, att.attached, received_at)
                 return
-            try:
-                async with asyncio.timeout(self._ping_s):
-                    await changed.wait()
-            except TimeoutError:
-                if time.monotonic() > deadline:
-                    yield _error_event(ErrorCode.STREAM_TIMEOUT, "generation did not end in time")
-                    return
+            # No timeout here: the runner's sweeper pokes idle generations (runner.py).
+            await changed.wait()
+            now = time.monotonic()
+            if now > deadline:
+                yield _error_event(ErrorCode.STREAM_TIMEOUT, "generation did not end in time")
+                return
+            if i == len(gen.events) and now - last_write_at >= self._ping_s:
+                last_write_at = now
                 yield PING
 
     async def _remote(
@@ -111,6 +113,11 @@ class EventFeed:
             meta = await self._store.get_meta(att.key)
             if not meta or meta.get("attempt") != str(att.attempt):
                 yield _error_event(ErrorCode.STREAM_TIMEOUT, "generation is no longer available")
+                return
+            if await self._store.is_orphaned(att.key, meta):
+                yield _error_event(
+                    ErrorCode.BACKEND_UNAVAILABLE, "the generation's backend stopped"
+                )
                 return
             new_state = GenState(meta.get("state", GenState.RUNNING))
             if new_state is not GenState.RUNNING and state is not GenState.RUNNING:

@@ -21,6 +21,9 @@ class Metrics:
         )
         self.errors = Counter("backend_errors", "Errors answered, by code", ["code"], registry=r)
         self.chunks = Counter("backend_chunks", "Chunks flushed", registry=r)
+        self.chunk_batches = Counter(
+            "backend_chunk_batches", "Redis pipelines that carried chunks", registry=r
+        )
         self.active_generations = Gauge(
             "backend_active_generations", "Generations running in this process", registry=r
         )

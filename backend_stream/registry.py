@@ -17,8 +17,15 @@ import structlog
 
 from backend_stream.generation import Generation
 from backend_stream.metrics import Metrics
-from backend_stream.runner import CANCEL, GenerationRunner
-from backend_stream.store import CANCEL_CHANNEL, ClaimOutcome, GenerationStore, GenKey, GenState
+from backend_stream.runner import GenerationRunner
+from backend_stream.store import (
+    CANCEL_CHANNEL,
+    Claim,
+    ClaimOutcome,
+    GenerationStore,
+    GenKey,
+    GenState,
+)
 from contracts import ChatMessage, ChatRequest, Role, StreamStart, utc_now_iso
 
 log = structlog.get_logger("backend_stream.registry")
@@ -27,6 +34,8 @@ SHUTDOWN_TIMEOUT_S = 5.0
 PUBSUB_POLL_S = 1.0
 BACKOFF_MIN_S = 0.1
 BACKOFF_MAX_S = 5.0
+EARLY_CANCEL_MAX = 10_000
+EARLY_CANCEL_TTL_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,25 +68,34 @@ def start_from_meta(meta: dict[str, str]) -> StreamStart:
 class GenerationRegistry:
     """This process's running generations and the cancel listener."""
 
-    def __init__(self, *, store: GenerationStore, runner: GenerationRunner, metrics: Metrics):
+    def __init__(
+        self,
+        *,
+        store: GenerationStore,
+        runner: GenerationRunner,
+        metrics: Metrics,
+        history_messages: int,
+    ) -> None:
         self._store = store
+        self._history_messages = history_messages
+        # Cancels that arrived before their generation was registered here (the claim's reply
+        # and the cancel message travel on different connections); bounded, short-lived.
+        self._early_cancels: dict[GenKey, float] = {}
         self._runner = runner
         self._metrics = metrics
         self._local: dict[GenKey, Generation] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._cancel_listener: asyncio.Task[None] | None = None
-
-    def __len__(self) -> int:
-        return len(self._local)
+        self._heartbeat: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._cancel_listener = asyncio.create_task(self._listen_for_cancels())
+        self._heartbeat = asyncio.create_task(self._refresh_leases())
 
     async def aclose(self) -> None:
         """Cancel every generation (each stores a retryable error) and the cancel listener."""
         tasks = list(self._tasks)
-        if self._cancel_listener is not None:
-            tasks.append(self._cancel_listener)
+        tasks += [t for t in (self._cancel_listener, self._heartbeat) if t is not None]
         for task in tasks:
             task.cancel()
         if tasks:
@@ -88,9 +106,19 @@ class GenerationRegistry:
         local = self._local.get(key)
         if local is not None:
             return Attachment(key, local.start, local.attempt, attached=True, local=local)
-        outcome, meta = await self._store.claim(key, _new_record(req))
+        record = _new_record(req)
+        claim = await self._store.claim(
+            key,
+            record,
+            room_id=req.room_id,
+            user_message=_user_message(req, record),
+            history_messages=self._history_messages,
+            character_id=req.character_id,
+        )
+        claimed_at = time.monotonic()
+        meta = claim.meta
         local = self._local.get(key)
-        if outcome is ClaimOutcome.EXISTING or local is not None:
+        if claim.outcome is ClaimOutcome.EXISTING or local is not None:
             start = local.start if local is not None else start_from_meta(meta)
             attempt = local.attempt if local is not None else int(meta["attempt"])
             return Attachment(key, start, attempt, attached=True, local=local, meta=meta)
@@ -101,19 +129,11 @@ class GenerationRegistry:
             received_at=received_at,
             character_id=meta.get("characterId") or None,
         )
-        user_message = None
-        if meta.get("userStored") != "1":
-            user_message = ChatMessage(
-                id=gen.start.user_message_id,
-                request_id=req.request_id,
-                role=Role.USER,
-                content=req.content,
-                user_id=req.user_id,
-                character_id=gen.character_id,
-                created_at=meta.get("createdAt") or utc_now_iso(),
-            )
         self._local[key] = gen
-        task = asyncio.create_task(self._run(gen, req.content, user_message))
+        task = asyncio.create_task(self._run(gen, req.content, claim, claimed_at))
+        gen.task = task
+        if self._early_cancels.pop(key, None) is not None:
+            gen.request_cancel()
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return Attachment(key, gen.start, gen.attempt, attached=False, local=gen, meta=meta)
@@ -133,17 +153,27 @@ class GenerationRegistry:
         status = await self._store.request_cancel(key)
         local = self._local.get(key)
         if status == "cancelling" and local is not None:
-            local.request_cancel(CANCEL)
+            local.request_cancel()
         return status
 
-    async def _run(self, gen: Generation, content: str, user_message: ChatMessage | None) -> None:
+    async def _run(self, gen: Generation, content: str, claim: Claim, claimed_at: float) -> None:
         self._metrics.active_generations.inc()
         try:
-            await self._runner.run(gen, content, user_message)
+            await self._runner.run(gen, content, claim, claimed_at)
         finally:
             if self._local.get(gen.key) is gen:
                 del self._local[gen.key]
             self._metrics.active_generations.dec()
+
+    async def _refresh_leases(self) -> None:
+        """Every third of the lease: one pipeline of PEXPIREs for this replica's generations."""
+        interval_s = self._store.lease_ms / 1000 / 3
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self._store.refresh_leases(list(self._local))
+            except Exception as exc:  # loop edge: log and try again next beat
+                log.warning("lease_refresh_failed", error=type(exc).__name__)
 
     async def _listen_for_cancels(self) -> None:
         backoff_s = BACKOFF_MIN_S
@@ -167,9 +197,31 @@ class GenerationRegistry:
 
     def _on_cancel_message(self, data: object) -> None:
         key = GenKey.from_slug(data) if isinstance(data, str) else None
-        local = self._local.get(key) if key is not None else None
+        if key is None:
+            return
+        local = self._local.get(key)
         if local is not None:
-            local.request_cancel(CANCEL)
+            local.request_cancel()
+            return
+        now = time.monotonic()
+        if len(self._early_cancels) >= EARLY_CANCEL_MAX:
+            self._early_cancels = {
+                k: t for k, t in self._early_cancels.items() if now - t < EARLY_CANCEL_TTL_S
+            }
+        if len(self._early_cancels) < EARLY_CANCEL_MAX:
+            self._early_cancels[key] = now
+
+
+def _user_message(req: ChatRequest, record: dict[str, str]) -> ChatMessage:
+    return ChatMessage(
+        id=record["userMessageId"],
+        request_id=req.request_id,
+        role=Role.USER,
+        content=req.content,
+        user_id=req.user_id,
+        character_id=req.character_id,
+        created_at=record["createdAt"],
+    )
 
 
 def _new_record(req: ChatRequest) -> dict[str, str]:

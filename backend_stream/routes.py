@@ -12,6 +12,7 @@ import hmac
 import re
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Annotated
 
 import orjson
@@ -257,9 +258,10 @@ async def _raise_if_failed(att: Attachment, svc: Services) -> None:
 
 
 async def _wait_terminal(svc: Services, att: Attachment, received_at: float) -> Event:
-    async for event in svc.feed.events(att, after_seq=-1, received_at=received_at):
-        if event.kind in (SseEvent.END, SseEvent.ERROR) and not is_ping(event):
-            return event
+    async with aclosing(svc.feed.events(att, after_seq=-1, received_at=received_at)) as events:
+        async for event in events:
+            if event.kind in (SseEvent.END, SseEvent.ERROR) and not is_ping(event):
+                return event
     raise RequestRejected(ErrorCode.INTERNAL, "generation ended without a terminal event")
 
 

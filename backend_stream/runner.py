@@ -1,10 +1,13 @@
 """Runs one generation from the user message to its terminal event, whoever is listening.
 
-Shape: a producer task opens the model stream and pushes deltas into ``Generation.wake``; this
-runner is the only consumer, so cancel requests, timeouts and flush deadlines are all decided in
-one loop without cancelling the provider's iterator mid-``__anext__``. The first token is flushed
-at once, later ones coalesced per flush window (issue 2, "The backend owns chunking and seq").
-The local fan-out is published before the Redis XADD, so listeners here never wait on Redis.
+The generation's task reads the model's stream itself and flushes chunks synchronously: the
+first token at once, later ones coalesced per flush window (issue 2, "The backend owns chunking
+and seq") with one loop timer per window, not per token. Timeouts (first token, idle, total)
+are not an ``asyncio.timeout`` per token either: one sweeper task checks every running
+generation every ``SWEEP_INTERVAL_S`` and stops the late ones, and pokes idle ones so their
+listeners can send ``: ping``. A cancel or a timeout cancels the generation's task; ``run``
+tells them from a shutdown by ``Generation.cancel_requested`` / ``stop_error``. The local
+fan-out is published before the chunk is queued for Redis, so listeners here never wait on it.
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
 
 import structlog
 from redis.exceptions import RedisError
 
+from backend_stream.chunk_writer import ChunkWriter
 from backend_stream.errors import (
     BackendStreamError,
     GenerationTimeout,
@@ -24,13 +29,14 @@ from backend_stream.errors import (
     ModelRateLimited,
     ModelTimeout,
     ProviderError,
+    Superseded,
 )
 from backend_stream.generation import Generation, payload_event
 from backend_stream.metrics import Metrics
 from backend_stream.prompt import build_prompt
 from backend_stream.providers import Delta, ModelRequest, Provider
 from backend_stream.settings import Settings
-from backend_stream.store import GenerationStore, dumps
+from backend_stream.store import Claim, GenerationStore, dumps
 from contracts import (
     RETRYABLE,
     BackendLatency,
@@ -47,25 +53,33 @@ from contracts import (
 
 log = structlog.get_logger("backend_stream.runner")
 
-OPENED = object()
-DONE = object()
-CANCEL = object()
 SHUTDOWN_WRITE_TIMEOUT_S = 1.0
+MAX_SWEEP_INTERVAL_S = 0.05
 
 
 @dataclass
-class _Stamps:
-    """Stage times (time.monotonic) and what the model reported."""
+class _Run:
+    """A generation's progress: stage times (time.monotonic), pending text, deadlines."""
 
-    settings_loaded: float | None = None
+    gen: Generation
+    settings_loaded: float
+    first_token_deadline: float
+    total_deadline: float
     prompt_built: float | None = None
     first_token: float | None = None
+    last_token: float = 0.0
     first_chunk: float | None = None
     model_done: float | None = None
     usage: Usage | None = None
     finish: FinishReason = FinishReason.STOP
+    pending: list[str] = field(default_factory=list)
+    next_flush: float = 0.0
+    flush_timer: asyncio.TimerHandle | None = None
+    written: asyncio.Future[None] | None = None  # the batch holding the last chunk
 
-    def latency(self, received_at: float, now: float) -> BackendLatency:
+    def latency(self, now: float) -> BackendLatency:
+        received_at = self.gen.received_at
+
         def ms(t: float | None) -> float | None:
             return None if t is None else round((t - received_at) * 1000, 3)
 
@@ -83,176 +97,207 @@ class GenerationRunner:
     """Drives ``Generation`` objects; one ``run`` call per generation, in its own task."""
 
     def __init__(
-        self, *, store: GenerationStore, provider: Provider, settings: Settings, metrics: Metrics
+        self,
+        *,
+        store: GenerationStore,
+        writer: ChunkWriter,
+        provider: Provider,
+        settings: Settings,
+        metrics: Metrics,
     ) -> None:
         self._store = store
+        self._writer = writer
         self._provider = provider
         self._settings = settings
         self._metrics = metrics
+        self._window_s = settings.flush_window_ms / 1000
+        self._runs: dict[Generation, _Run] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._sweeper = asyncio.create_task(self._sweep_forever())
+
+    async def aclose(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
 
     async def run(
-        self, gen: Generation, user_content: str, user_message: ChatMessage | None
+        self, gen: Generation, user_content: str, claim: Claim, claimed_at: float
     ) -> None:
-        """Run to the end; always leaves ``gen.terminal`` set, never raises but CancelledError."""
-        stamps = _Stamps()
+        """Run to the end; always leaves ``gen.terminal`` set, never raises but CancelledError.
+
+        Must run in ``gen.task``. ``claim`` carries what the claim loaded (history, character
+        prompt): the user message is already stored, atomically with the claim.
+        """
+        s = self._settings
+        run = _Run(
+            gen=gen,
+            settings_loaded=claimed_at,
+            first_token_deadline=claimed_at + s.first_token_timeout_s,
+            total_deadline=gen.received_at + s.total_timeout_s,
+        )
+        self._runs[gen] = run
         try:
-            await self._execute(gen, user_content, user_message, stamps)
-            await self._finish(gen, stamps)
-        except BackendStreamError as exc:
-            retry_after = exc.retry_after_s if isinstance(exc, ModelRateLimited) else None
-            await self._fail(gen, exc.code, exc.message, retry_after)
-        except RedisError:
-            await self._fail(gen, ErrorCode.BACKEND_UNAVAILABLE, "storage unavailable", None)
-        except asyncio.CancelledError:
-            # Shutdown: say so to every listener, and let another replica retry the request.
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(SHUTDOWN_WRITE_TIMEOUT_S):
-                    await self._fail(gen, ErrorCode.BACKEND_UNAVAILABLE, "backend shutting down")
-            raise
-        except Exception:
-            log.exception("generation_crashed")
-            await self._fail(gen, ErrorCode.INTERNAL, "internal error", None)
+            await self._run(run, user_content, claim)
         finally:
+            self._runs.pop(gen, None)
+            if run.flush_timer is not None:
+                run.flush_timer.cancel()
             if gen.terminal is None:  # storage failed while failing: listeners must still end
                 err = StreamError(code=ErrorCode.INTERNAL, message="internal error", retryable=True)
                 gen.publish_terminal(payload_event(SseEvent.ERROR, err.wire()))
 
-    async def _execute(
-        self,
-        gen: Generation,
-        user_content: str,
-        user_message: ChatMessage | None,
-        stamps: _Stamps,
-    ) -> None:
+    async def _run(self, run: _Run, user_content: str, claim: Claim) -> None:
+        gen = run.gen
+        try:
+            if gen.cancel_requested:  # before this task could be cancelled
+                raise asyncio.CancelledError
+            await self._stream(run, user_content, claim)
+            gen.finishing = True
+            await self._finish(run)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not (gen.cancel_requested or gen.stop_error) or task is None:
+                await self._shutdown(run)
+                raise
+            task.uncancel()  # the cancel was ours: a stop request, not a shutdown
+            gen.finishing = True
+            if gen.cancel_requested:
+                self._flush(run)
+                run.finish = FinishReason.CANCELLED
+                run.model_done = run.model_done or time.monotonic()
+                await self._finish_or_fail(run)
+            else:
+                assert gen.stop_error is not None
+                await self._fail_with(run, gen.stop_error)
+        except BackendStreamError as exc:
+            gen.finishing = True
+            await self._fail_with(run, exc)
+        except (RedisError, OSError):
+            await self._fail(run, ErrorCode.BACKEND_UNAVAILABLE, "storage unavailable")
+        except Exception:
+            log.exception("generation_crashed")
+            await self._fail(run, ErrorCode.INTERNAL, "internal error")
+
+    async def _stream(self, run: _Run, user_content: str, claim: Claim) -> None:
         s = self._settings
-        prepared = await self._store.prepare(
-            gen.key,
-            room_id=gen.start.room_id,
-            character_id=gen.character_id,
-            history_messages=s.history_messages,
-            user_message=user_message,
-        )
-        stamps.settings_loaded = time.monotonic()
-        if prepared.cancel_requested:
-            gen.request_cancel(CANCEL)
         request = build_prompt(
-            system_prompt=prepared.system_prompt or s.system_prompt,
-            history=prepared.history,
+            system_prompt=claim.system_prompt or s.system_prompt,
+            history=claim.history,
             user_content=user_content,
-            request_id=gen.key.request_id,
+            request_id=run.gen.key.request_id,
             max_output_tokens=s.max_output_tokens,
         )
-        stamps.prompt_built = time.monotonic()
+        run.prompt_built = time.monotonic()
         self._metrics.model_calls.labels(self._provider.name).inc()
-        producer = asyncio.create_task(self._produce(request, gen.wake))
+        tokens = await self._open(request)
+        run.gen.mark_opened()
         try:
-            await self._consume(gen, stamps)
-        finally:
-            if not producer.done():
-                producer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await producer
-
-    async def _produce(self, request: ModelRequest, wake: asyncio.Queue[object]) -> None:
-        try:
-            tokens = await self._provider.open_stream(request)
-            wake.put_nowait(OPENED)
-            try:
-                async for delta in tokens:
-                    wake.put_nowait(delta)
-            finally:
-                await tokens.aclose()
-            wake.put_nowait(DONE)
-        except ProviderError as exc:
-            wake.put_nowait(exc)
-        except Exception:  # a provider bug ends the generation instead of hanging it
+            async for delta in tokens:
+                if delta.text:
+                    self._on_text(run, delta.text)
+                run.usage = delta.usage or run.usage
+                run.finish = delta.finish_reason or run.finish
+        except ProviderError:
+            self._flush(run)  # what the model did say goes out before its error
+            raise
+        except (asyncio.CancelledError, RedisError, OSError):
+            raise
+        except Exception as exc:  # a provider bug ends the generation instead of hanging it
             log.exception("provider_crashed")
-            wake.put_nowait(ModelFailed("model provider failed"))
+            raise ModelFailed("model provider failed") from exc
+        finally:
+            with contextlib.suppress(Exception):
+                await tokens.aclose()
+        run.model_done = time.monotonic()
+        self._flush(run)
 
-    async def _consume(self, gen: Generation, stamps: _Stamps) -> None:
-        s = self._settings
-        window_s = s.flush_window_ms / 1000
-        pending: list[str] = []
-        next_flush = 0.0
-        total_deadline = gen.received_at + s.total_timeout_s
-        token_deadline = time.monotonic() + s.first_token_timeout_s
-        while True:
-            wait_until = min(token_deadline, total_deadline)
-            # Decided before waiting: timer wheels (uvloop) may fire a hair early.
-            flush_due = bool(pending) and next_flush < wait_until
-            if flush_due:
-                wait_until = next_flush
-            try:
-                async with asyncio.timeout(max(0.0, wait_until - time.monotonic())):
-                    items = [await gen.wake.get()]
-            except TimeoutError:
-                if not flush_due:
-                    raise self._timeout(stamps, time.monotonic(), total_deadline) from None
-                await self._flush(gen, pending, stamps)
-                next_flush = time.monotonic() + window_s
-                continue
-            while not gen.wake.empty():
-                items.append(gen.wake.get_nowait())
-            now = time.monotonic()
-            finished = False
-            for item in items:
-                if isinstance(item, Delta):
-                    if item.text:
-                        stamps.first_token = stamps.first_token or now
-                        pending.append(item.text)
-                        token_deadline = now + s.idle_timeout_s
-                    stamps.usage = item.usage or stamps.usage
-                    stamps.finish = item.finish_reason or stamps.finish
-                elif item is OPENED:
-                    gen.mark_opened()
-                elif item is DONE or item is CANCEL:
-                    finished = True
-                    if item is CANCEL:
-                        stamps.finish = FinishReason.CANCELLED
-                    stamps.model_done = stamps.model_done or now
-                    break
-                elif isinstance(item, BaseException):
-                    if pending:  # what the model did say goes out before its error
-                        await self._flush(gen, pending, stamps)
-                    raise item
-            if finished:
-                if pending:
-                    await self._flush(gen, pending, stamps)
-                return
-            if pending and (not gen.chunks or now >= next_flush):
-                await self._flush(gen, pending, stamps)
-                next_flush = time.monotonic() + window_s
+    async def _open(self, request: ModelRequest) -> AsyncGenerator[Delta, None]:
+        try:
+            return await self._provider.open_stream(request)
+        except ProviderError:
+            raise
+        except Exception as exc:
+            log.exception("provider_crashed")
+            raise ModelFailed("model provider failed") from exc
 
-    def _timeout(self, stamps: _Stamps, now: float, total_deadline: float) -> BackendStreamError:
-        s = self._settings
-        if now >= total_deadline:
-            return GenerationTimeout(f"generation exceeded {s.total_timeout_s:g}s")
-        if stamps.first_token is None:
-            return ModelTimeout(
-                f"no first token from the model within {s.first_token_timeout_s:g}s"
-            )
-        return GenerationTimeout(f"model sent nothing for {s.idle_timeout_s:g}s")
+    def _on_text(self, run: _Run, text: str) -> None:
+        now = time.monotonic()
+        run.first_token = run.first_token or now
+        run.last_token = now
+        run.pending.append(text)
+        if not run.gen.chunks or now >= run.next_flush:
+            self._flush(run, now)
+        elif run.flush_timer is None:
+            loop = asyncio.get_running_loop()
+            delay = run.next_flush - now
+            run.flush_timer = loop.call_at(loop.time() + delay, self._on_flush_timer, run)
 
-    async def _flush(self, gen: Generation, pending: list[str], stamps: _Stamps) -> None:
-        text = "".join(pending)
-        pending.clear()
-        seq = gen.publish_chunk(text)
+    def _on_flush_timer(self, run: _Run) -> None:
+        run.flush_timer = None
+        if not run.gen.finishing:
+            self._flush(run)
+
+    def _flush(self, run: _Run, now: float | None = None) -> None:
+        if run.flush_timer is not None:
+            run.flush_timer.cancel()
+            run.flush_timer = None
+        if not run.pending:
+            return
+        now = time.monotonic() if now is None else now
+        gen = run.gen
+        text = "".join(run.pending)
+        run.pending.clear()
+        run.next_flush = now + self._window_s
+        seq = gen.publish_chunk(text, now)
         if seq == 0:
-            stamps.first_chunk = time.monotonic()
-            self._metrics.first_chunk.observe(stamps.first_chunk - gen.received_at)
-            if stamps.first_token is not None:
-                self._metrics.first_token.observe(stamps.first_token - gen.received_at)
+            run.first_chunk = now
+            self._metrics.first_chunk.observe(now - gen.received_at)
+            if run.first_token is not None:
+                self._metrics.first_token.observe(run.first_token - gen.received_at)
         self._metrics.chunks.inc()
-        await self._store.append_chunk(gen.key, gen.attempt, seq, text)
+        run.written = self._store.append_chunk(self._writer, gen.key, gen.attempt, seq, text)
 
-    async def _finish(self, gen: Generation, stamps: _Stamps) -> None:
+    async def _sweep_forever(self) -> None:
+        interval_s = min(MAX_SWEEP_INTERVAL_S, self._settings.ping_interval_s / 4)
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                self._sweep(time.monotonic())
+            except Exception:  # loop edge: a bug here must not stop timeouts for good
+                log.exception("sweep_failed")
+
+    def _sweep(self, now: float) -> None:
+        """Stop late generations; poke idle ones so their listeners can ping."""
+        s = self._settings
+        poke_after_s = s.ping_interval_s / 2
+        for gen, run in list(self._runs.items()):
+            if now >= run.total_deadline:
+                gen.request_stop(GenerationTimeout(f"generation exceeded {s.total_timeout_s:g}s"))
+            elif run.first_token is None and now >= run.first_token_deadline:
+                gen.request_stop(
+                    ModelTimeout(
+                        f"no first token from the model within {s.first_token_timeout_s:g}s"
+                    )
+                )
+            elif run.first_token is not None and now - run.last_token >= s.idle_timeout_s:
+                gen.request_stop(GenerationTimeout(f"model sent nothing for {s.idle_timeout_s:g}s"))
+            if now - gen.notified_at >= poke_after_s:
+                gen.poke(now)
+
+    async def _finish(self, run: _Run) -> None:
+        gen = run.gen
+        if run.written is not None:
+            await run.written  # the terminal entry must not overtake a chunk
         content = gen.content
-        latency = stamps.latency(gen.received_at, time.monotonic())
+        latency = run.latency(time.monotonic())
         end = StreamEnd(
             message_id=gen.start.message_id,
             content=content,
-            finish_reason=stamps.finish,
-            usage=stamps.usage or Usage(),
+            finish_reason=run.finish,
+            usage=run.usage or Usage(),
             latency=latency,
         )
         payload = end.wire()
@@ -264,7 +309,7 @@ class GenerationRunner:
             character_id=gen.character_id,
             created_at=utc_now_iso(),
         )
-        await self._store.finish(
+        stored = await self._store.finish(
             gen.key,
             gen.attempt,
             chunks=len(gen.chunks),
@@ -272,24 +317,50 @@ class GenerationRunner:
             room_id=gen.start.room_id,
             assistant=assistant,
         )
+        if not stored:
+            raise Superseded("another replica took this generation over")
         gen.publish_terminal(payload_event(SseEvent.END, payload))
         # Post-processing: after `end` is out, never on the path to the first chunk.
-        self._metrics.generations.labels(stamps.finish.value).inc()
+        self._metrics.generations.labels(run.finish.value).inc()
         log.info(
             "generation_end",
-            finishReason=stamps.finish.value,
+            finishReason=run.finish.value,
             chunks=len(gen.chunks),
             attempt=gen.attempt,
-            **latency.model_dump(),
+            **latency.wire(),
         )
 
+    async def _finish_or_fail(self, run: _Run) -> None:
+        try:
+            await self._finish(run)
+        except BackendStreamError as exc:
+            await self._fail_with(run, exc)
+        except (RedisError, OSError):
+            await self._fail(run, ErrorCode.BACKEND_UNAVAILABLE, "storage unavailable")
+
+    async def _fail_with(self, run: _Run, exc: BackendStreamError) -> None:
+        retry_after = exc.retry_after_s if isinstance(exc, ModelRateLimited) else None
+        await self._fail(run, exc.code, exc.message, retry_after)
+
+    async def _shutdown(self, run: _Run) -> None:
+        """Say so to every listener, and let another replica retry the request."""
+        run.gen.finishing = True
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(SHUTDOWN_WRITE_TIMEOUT_S):
+                await self._fail(run, ErrorCode.BACKEND_UNAVAILABLE, "backend shutting down")
+
     async def _fail(
-        self, gen: Generation, code: ErrorCode, message: str, retry_after_s: float | None = None
+        self, run: _Run, code: ErrorCode, message: str, retry_after_s: float | None = None
     ) -> None:
+        gen = run.gen
+        gen.finishing = True
         err = StreamError(code=code, message=message, retryable=code in RETRYABLE)
         payload = err.wire()
         try:
-            await self._store.fail(
+            if run.written is not None and not run.written.done():
+                with contextlib.suppress(RedisError, OSError):
+                    await run.written
+            stored = await self._store.fail(
                 gen.key,
                 gen.attempt,
                 chunks=len(gen.chunks),
@@ -297,7 +368,9 @@ class GenerationRunner:
                 retryable=err.retryable,
                 retry_after_s=retry_after_s,
             )
-        except RedisError:
+            if not stored:
+                log.warning("generation_superseded", code=code.value)
+        except (RedisError, OSError):
             log.warning("generation_fail_not_stored", code=code.value)
         gen.publish_terminal(payload_event(SseEvent.ERROR, payload, retry_after_s))
         self._metrics.generations.labels(FinishReason.ERROR.value).inc()

@@ -31,6 +31,7 @@ DEFAULT_TOTAL_TIMEOUT_S = 300.0
 DEFAULT_BUFFER_TTL_S = 900
 DEFAULT_IDEMPOTENCY_TTL_S = 86_400
 DEFAULT_PING_INTERVAL_S = 15.0
+DEFAULT_LEASE_S = 10.0
 DEFAULT_REDIS_MAX_CONNECTIONS = 2000
 DEFAULT_REDIS_TIMEOUT_S = 5.0
 DEFAULT_SYSTEM_PROMPT = "You are a friendly chat character. Answer briefly."
@@ -89,6 +90,7 @@ class Settings:
     buffer_ttl_s: int = DEFAULT_BUFFER_TTL_S
     idempotency_ttl_s: int = DEFAULT_IDEMPOTENCY_TTL_S
     ping_interval_s: float = DEFAULT_PING_INTERVAL_S
+    lease_s: float = DEFAULT_LEASE_S
     redis_max_connections: int = DEFAULT_REDIS_MAX_CONNECTIONS
     redis_timeout_s: float = DEFAULT_REDIS_TIMEOUT_S
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
@@ -134,6 +136,7 @@ class Settings:
             buffer_ttl_s=env.integer("GENERATION_BUFFER_TTL_S", DEFAULT_BUFFER_TTL_S, low=1),
             idempotency_ttl_s=env.integer("IDEMPOTENCY_TTL_S", DEFAULT_IDEMPOTENCY_TTL_S, low=1),
             ping_interval_s=env.number("SSE_PING_INTERVAL_S", DEFAULT_PING_INTERVAL_S, low=0.01),
+            lease_s=env.number("GENERATION_LEASE_S", DEFAULT_LEASE_S, low=0.3),
             redis_max_connections=env.integer(
                 "REDIS_MAX_CONNECTIONS", DEFAULT_REDIS_MAX_CONNECTIONS, low=2
             ),

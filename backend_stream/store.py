@@ -9,11 +9,14 @@ Keys (ids use a safe alphabet without ``/``, so ``/`` joins them unambiguously):
 - ``bs:req:{requestId}``  set of userIds: resolves resume/cancel calls that carry no userId.
 - ``bs:room:{roomId}:messages``  list of ChatMessage JSON, oldest first, capped (LTRIM).
 - ``bs:character:{characterId}``  hash, optional ``systemPrompt`` set by operators.
+- ``bs:lease:{userId}/{requestId}``  string with a TTL, refreshed by the replica running the
+  generation: a "running" record without it belongs to a replica that died (see scripts.CLAIM).
 - channel ``bs:cancel``: ``{userId}/{requestId}`` to stop a generation on whichever replica runs it.
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, cast
@@ -21,43 +24,12 @@ from typing import Any, cast
 import orjson
 from redis.asyncio import Redis
 
+from backend_stream import scripts
+from backend_stream.chunk_writer import ChunkWriter
 from contracts import ChatMessage
 
 CANCEL_CHANNEL = "bs:cancel"
-
-CLAIM_SCRIPT = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then
-  redis.call('HSET', KEYS[1], unpack(ARGV, 3))
-  redis.call('EXPIRE', KEYS[1], ARGV[1])
-  redis.call('SADD', KEYS[2], ARGV[2])
-  redis.call('EXPIRE', KEYS[2], ARGV[1])
-  return {'new'}
-end
-if state == 'failed' and redis.call('HGET', KEYS[1], 'retryable') == '1' then
-  redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-  redis.call('HSET', KEYS[1], 'state', 'running')
-  redis.call('HDEL', KEYS[1], 'error', 'retryable', 'retryAfter', 'cancel')
-  redis.call('EXPIRE', KEYS[1], ARGV[1])
-  local out = redis.call('HGETALL', KEYS[1])
-  table.insert(out, 1, 'retry')
-  return out
-end
-local out = redis.call('HGETALL', KEYS[1])
-table.insert(out, 1, 'existing')
-return out
-"""
-
-CANCEL_SCRIPT = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return false end
-if state == 'running' then
-  redis.call('HSET', KEYS[1], 'cancel', '1')
-  redis.call('PUBLISH', ARGV[1], ARGV[2])
-  return 'cancelling'
-end
-return 'done'
-"""
+DEFAULT_LEASE_MS = 10_000
 
 
 class GenState(StrEnum):
@@ -84,6 +56,10 @@ class GenKey:
     @property
     def meta(self) -> str:
         return f"bs:gen:{self.slug}"
+
+    @property
+    def lease(self) -> str:
+        return f"bs:lease:{self.slug}"
 
     def buffer(self, attempt: int) -> str:
         return f"bs:buf:{self.slug}/{attempt}"
@@ -112,10 +88,27 @@ def entry_id(seq: int) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class Prepared:
+class HistoryEntry:
+    """A stored message as the prompt needs it (no pydantic on the path to the first token)."""
+
+    role: str
+    content: str
+    request_id: str
+
+
+def _history_entry(raw: str) -> HistoryEntry:
+    data = orjson.loads(raw)
+    return HistoryEntry(str(data["role"]), str(data["content"]), str(data["requestId"]))
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What the claim found or made; history and prompt are loaded unless ``EXISTING``."""
+
+    outcome: ClaimOutcome
+    meta: dict[str, str]
+    history: list[HistoryEntry]
     system_prompt: str | None
-    history: list[ChatMessage]
-    cancel_requested: bool
 
 
 class GenerationStore:
@@ -128,27 +121,51 @@ class GenerationStore:
         buffer_ttl_s: int,
         idempotency_ttl_s: int,
         history_cap: int,
+        lease_ms: int = DEFAULT_LEASE_MS,
     ) -> None:
         self.redis = redis
         self._buffer_ttl_s = buffer_ttl_s
         self._idem_ttl_s = idempotency_ttl_s
         self._history_cap = history_cap
-        self._claim = redis.register_script(CLAIM_SCRIPT)
-        self._cancel = redis.register_script(CANCEL_SCRIPT)
+        self.lease_ms = lease_ms
+        self._claim = redis.register_script(scripts.CLAIM)
+        self._finish = redis.register_script(scripts.FINISH)
+        self._cancel = redis.register_script(scripts.CANCEL)
 
     async def claim(
-        self, key: GenKey, fields: dict[str, str]
-    ) -> tuple[ClaimOutcome, dict[str, str]]:
-        """Atomically create the record, or return the existing one (reset when retryable)."""
+        self,
+        key: GenKey,
+        fields: dict[str, str],
+        *,
+        room_id: str,
+        user_message: ChatMessage,
+        history_messages: int,
+        character_id: str | None,
+    ) -> Claim:
+        """Atomically create the record (storing the user message), or return the existing one.
+
+        A record whose generation failed with a retryable error is reset for another attempt:
+        same ids, the user message kept (it is not stored twice).
+        """
         flat = [x for pair in fields.items() for x in pair]
+        character = character_key(character_id) if character_id else "bs:character:-"
         res = await self._claim(
-            keys=[key.meta, index_key(key.request_id)],
-            args=[self._idem_ttl_s, key.user_id, *flat],
+            keys=[key.meta, index_key(key.request_id), room_key(room_id), character, key.lease],
+            args=[
+                self._idem_ttl_s,
+                key.user_id,
+                history_messages,
+                self._history_cap,
+                orjson.dumps(user_message.wire()),
+                self.lease_ms,
+                *flat,
+            ],
         )
-        outcome = ClaimOutcome(res[0])
-        if outcome is ClaimOutcome.NEW:
-            return outcome, dict(fields)
-        return outcome, dict(zip(res[1::2], res[2::2], strict=True))
+        outcome, meta_flat, history, prompt = res
+        meta = dict(zip(meta_flat[::2], meta_flat[1::2], strict=True))
+        return Claim(
+            ClaimOutcome(outcome), meta, [_history_entry(m) for m in history], prompt or None
+        )
 
     async def get_meta(self, key: GenKey) -> dict[str, str]:
         return cast(dict[str, str], await self.redis.hgetall(key.meta))
@@ -156,40 +173,12 @@ class GenerationStore:
     async def users_for_request(self, request_id: str) -> list[str]:
         return sorted(cast(set[str], await self.redis.smembers(index_key(request_id))))
 
-    async def prepare(
-        self,
-        key: GenKey,
-        *,
-        room_id: str,
-        character_id: str | None,
-        history_messages: int,
-        user_message: ChatMessage | None,
-    ) -> Prepared:
-        """Load the character and the room's last messages, and store the user message."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hget(key.meta, "cancel")
-            if character_id:
-                pipe.hget(character_key(character_id), "systemPrompt")
-            if history_messages > 0:
-                pipe.lrange(room_key(room_id), -history_messages, -1)
-            if user_message is not None:
-                self._push_message(pipe, room_id, user_message)
-                pipe.hset(key.meta, "userStored", "1")
-            res: list[Any] = await pipe.execute()
-        cancel = res.pop(0) == "1"
-        prompt = res.pop(0) if character_id else None
-        raw = res.pop(0) if history_messages > 0 else []
-        return Prepared(prompt, [ChatMessage.model_validate_json(m) for m in raw], cancel)
-
-    async def append_chunk(self, key: GenKey, attempt: int, seq: int, chunk: str) -> None:
-        buf = key.buffer(attempt)
-        if seq == 0:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.xadd(buf, {"t": "c", "d": chunk}, id=entry_id(seq))
-                pipe.expire(buf, self._buffer_ttl_s)
-                await pipe.execute()
-        else:
-            await self.redis.xadd(buf, {"t": "c", "d": chunk}, id=entry_id(seq))
+    def append_chunk(
+        self, writer: ChunkWriter, key: GenKey, attempt: int, seq: int, chunk: str
+    ) -> asyncio.Future[None]:
+        """Queue the chunk's XADD (the first one also sets the buffer's TTL)."""
+        expire_s = self._buffer_ttl_s if seq == 0 else None
+        return writer.write(key.buffer(attempt), entry_id(seq), chunk, expire_s)
 
     async def finish(
         self,
@@ -200,14 +189,14 @@ class GenerationStore:
         end_json: str,
         room_id: str,
         assistant: ChatMessage,
-    ) -> None:
-        """Terminal ``end`` entry, the record marked done, the assistant message stored."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            self._terminal(pipe, key, attempt, chunks, "end", end_json)
-            pipe.hset(key.meta, mapping={"state": GenState.DONE, "end": end_json})
-            pipe.expire(key.meta, self._idem_ttl_s)
-            self._push_message(pipe, room_id, assistant)
-            await pipe.execute()
+    ) -> bool:
+        """Terminal ``end`` entry, the record marked done, the assistant message stored.
+
+        False (nothing written) when a later attempt has taken the record over.
+        """
+        return await self._end(
+            key, attempt, chunks, "end", end_json, room_id=room_id, assistant=assistant
+        )
 
     async def fail(
         self,
@@ -218,22 +207,33 @@ class GenerationStore:
         error_json: str,
         retryable: bool,
         retry_after_s: float | None,
-    ) -> None:
+    ) -> bool:
         """Terminal ``error`` entry and the record marked failed; no assistant message.
 
         A retryable failure lets the next request with the same key run again (``claim``).
         """
-        fields = {
-            "state": GenState.FAILED,
-            "error": error_json,
-            "retryable": "1" if retryable else "0",
-            "retryAfter": "" if retry_after_s is None else f"{retry_after_s:g}",
-        }
-        async with self.redis.pipeline(transaction=True) as pipe:
-            self._terminal(pipe, key, attempt, chunks, "error", error_json, fields["retryAfter"])
-            pipe.hset(key.meta, mapping=cast(dict[Any, Any], fields))
-            pipe.expire(key.meta, self._idem_ttl_s)
+        return await self._end(
+            key,
+            attempt,
+            chunks,
+            "error",
+            error_json,
+            retryable=retryable,
+            retry_after_s=retry_after_s,
+        )
+
+    async def refresh_leases(self, keys: list[GenKey]) -> None:
+        """Keep this replica's generations alive in the eyes of the others (one pipeline)."""
+        if not keys:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.pexpire(key.lease, self.lease_ms)
             await pipe.execute()
+
+    async def is_orphaned(self, key: GenKey, meta: dict[str, str]) -> bool:
+        """A "running" record whose owner's lease has lapsed: nobody will end it."""
+        return meta.get("state") == GenState.RUNNING and not await self.redis.exists(key.lease)
 
     async def request_cancel(self, key: GenKey) -> str | None:
         """``cancelling`` (signalled to every replica), ``done``, or None when unknown."""
@@ -255,24 +255,35 @@ class GenerationStore:
             return []
         return cast(list[tuple[str, dict[str, str]]], res[0][1])
 
-    def _terminal(
+    async def _end(
         self,
-        pipe: Any,
         key: GenKey,
         attempt: int,
         chunks: int,
         kind: str,
         data: str,
-        retry_after: str = "",
-    ) -> None:
-        buf = key.buffer(attempt)
-        entry = {"t": kind, "d": data, **({"ra": retry_after} if retry_after else {})}
-        pipe.xadd(buf, entry, id=entry_id(chunks))
-        pipe.expire(buf, self._buffer_ttl_s)
-
-    def _push_message(self, pipe: Any, room_id: str, message: ChatMessage) -> None:
-        pipe.rpush(room_key(room_id), orjson.dumps(message.wire()))
-        pipe.ltrim(room_key(room_id), -self._history_cap, -1)
+        *,
+        room_id: str = "",
+        assistant: ChatMessage | None = None,
+        retryable: bool = False,
+        retry_after_s: float | None = None,
+    ) -> bool:
+        res = await self._finish(
+            keys=[key.meta, key.buffer(attempt), room_key(room_id), key.lease],
+            args=[
+                attempt,
+                entry_id(chunks),
+                kind,
+                data,
+                self._buffer_ttl_s,
+                self._idem_ttl_s,
+                "1" if retryable else "0",
+                "" if retry_after_s is None else f"{retry_after_s:g}",
+                orjson.dumps(assistant.wire()) if assistant is not None else "",
+                self._history_cap,
+            ],
+        )
+        return bool(res)
 
 
 def dumps(value: Any) -> str:

@@ -153,13 +153,12 @@ class ChatHandlers:
         ack({"ok": True})
 
     async def _enter(self, sid: str, ident: Identity, room_id: str) -> None:
-        if not await self._rooms.claim(room_id, ident.user_id):
+        # Presence is written (by join) before in-flight generations are read and before the
+        # room's first event (relay): whichever side writes last sees the other.
+        if not await self._rooms.join(room_id, ident.user_id):
             raise PayloadError(ErrorCode.FORBIDDEN, "not a member of this room")
         if not self.server.in_room(sid, room_id):
             await self.server.enter_room(sid, room_id)
-        # Presence is written before in-flight generations are read (join) and before the room's
-        # first event (relay): whichever side writes last sees the other.
-        await self._rooms.present(room_id)
 
     def _replay(self, sid: str, room_id: str, item: InFlight) -> None:
         active = self._relays.get((room_id, item.request_id))

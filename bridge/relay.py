@@ -17,6 +17,7 @@ tests/bridge/test_relay.py drives it without sockets or HTTP.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import structlog
 from bridge import payloads
 from bridge.errors import (
     SeqGap,
+    UpstreamDisconnected,
     UpstreamError,
     UpstreamFailed,
     UpstreamHttpError,
@@ -35,7 +37,7 @@ from bridge.errors import (
 )
 from bridge.payloads import Payload
 from bridge.settings import Timeouts
-from bridge.upstream import Chunk, End, Failed, Start, Upstream, UpstreamStream
+from bridge.upstream import Chunk, End, Failed, Start, Upstream, UpstreamEvent, UpstreamStream
 from contracts import ChatRequest, CompleteResponse, ErrorCode, Path, StreamEnd
 
 log = structlog.get_logger("bridge.relay")
@@ -143,24 +145,36 @@ class Relay:
     # ---- stream ---------------------------------------------------------------------------
 
     async def _pump(self, stream: UpstreamStream) -> Outcome:
-        while True:
-            event = await stream.next_event(self._wait_s())
-            if type(event) is Chunk:
-                if event.seq < len(self.parts):
-                    self._duplicates += 1
-                    continue
-                if event.seq > len(self.parts):
-                    raise SeqGap(f"expected seq {len(self.parts)}, got {event.seq}")
-                await self._chunk(event.text)
-            elif type(event) is Start:
-                await self._start(event.message_id, event.user_message_id)
-            elif type(event) is End:
-                if not self.started:
-                    raise UpstreamProtocolError("end before start")
-                return await self._end(event.body)
-            elif type(event) is Failed:
-                body = event.body
-                raise UpstreamFailed(body.code, body.message, retryable=body.retryable)
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout_at(loop.time() + self._wait_s()) as timer:
+                async for event in stream.events():
+                    outcome = await self._handle(event)
+                    if outcome is not None:
+                        return outcome
+                    timer.reschedule(loop.time() + self._wait_s())
+        except TimeoutError:
+            raise UpstreamTimeout("no event within the wait") from None
+        raise UpstreamDisconnected("stream ended early")
+
+    async def _handle(self, event: UpstreamEvent) -> Outcome | None:
+        if type(event) is Chunk:
+            if event.seq < len(self.parts):
+                self._duplicates += 1
+                return None
+            if event.seq > len(self.parts):
+                raise SeqGap(f"expected seq {len(self.parts)}, got {event.seq}")
+            await self._chunk(event.text)
+        elif type(event) is Start:
+            await self._start(event.message_id, event.user_message_id)
+        elif type(event) is End:
+            if not self.started:
+                raise UpstreamProtocolError("end before start")
+            return await self._end(event.body)
+        elif type(event) is Failed:
+            body = event.body
+            raise UpstreamFailed(body.code, body.message, retryable=body.retryable)
+        return None
 
     def _wait_s(self) -> float:
         if not self.started:

@@ -10,7 +10,9 @@ Keys (all under ``bridge:``):
 - ``host:{hostId}``           heartbeat of a replica (expires when it dies).
 - ``rate:{userId}:{window}``  fixed-window counter of send_message per user.
 
-Every operation is one round trip (a pipeline), none is on the per-chunk path.
+Every operation is one round trip (a pipeline or a script), none is on the per-chunk path, and
+the owner and this replica's presence are cached: a message to a room this socket already uses
+costs the rate limit and the in-flight record only.
 """
 
 from __future__ import annotations
@@ -30,6 +32,19 @@ from bridge.errors import StoreError
 PREFIX = "bridge:"
 HEARTBEAT_TTL_S = 15
 OWNER_CACHE_MAX = 100_000
+
+# Claim the room for ARGV[1] unless owned; when ARGV[1] owns it, record this host's presence.
+JOIN_SCRIPT = """
+local owner = redis.call('GET', KEYS[1])
+if not owner then
+  redis.call('SET', KEYS[1], ARGV[1])
+  owner = ARGV[1]
+end
+if owner == ARGV[1] then
+  redis.call('SADD', KEYS[2], ARGV[2])
+end
+return owner
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,22 +87,25 @@ class RoomRegistry:
         self._rate_limit = rate_limit
         self._rate_window_s = rate_window_s
         self._owners: dict[str, str] = {}  # owners never change: cached, bounded
+        self._present: set[str] = set()  # rooms whose hosts set holds this replica
+        self._join = redis.register_script(JOIN_SCRIPT)
 
     # ---- ownership and rate limit ---------------------------------------------------------
 
-    async def claim(self, room_id: str, user_id: str) -> bool:
-        """Whether ``user_id`` may use the room; the first user to ask becomes its owner."""
+    async def join(self, room_id: str, user_id: str) -> bool:
+        """Whether ``user_id`` may use the room (the first user to ask becomes its owner); when
+        it may, this replica is recorded as having members of the room (one round trip at most)."""
         owner = self._owners.get(room_id)
-        if owner is None:
-            key = f"{PREFIX}room:{room_id}:owner"
-            async with _store("claim room"):
-                if await self._redis.set(key, user_id, nx=True):
-                    owner = user_id
-                else:
-                    owner = str(await _aw(self._redis.get(key)) or user_id)
-            if len(self._owners) >= OWNER_CACHE_MAX:
-                self._owners.clear()
-            self._owners[room_id] = owner
+        if owner is not None and (owner != user_id or room_id in self._present):
+            return owner == user_id
+        keys = [f"{PREFIX}room:{room_id}:owner", f"{PREFIX}room:{room_id}:hosts"]
+        async with _store("join room"):
+            owner = str(await self._join(keys=keys, args=[user_id, self.host_id]))
+        if len(self._owners) >= OWNER_CACHE_MAX:
+            self._owners.clear()
+        self._owners[room_id] = owner
+        if owner == user_id:
+            self._present.add(room_id)
         return owner == user_id
 
     async def allow_message(self, user_id: str) -> bool:
@@ -106,8 +124,14 @@ class RoomRegistry:
     # ---- presence -------------------------------------------------------------------------
 
     async def heartbeat(self) -> None:
+        """Refresh this replica's liveness and re-assert its presence in every room it serves
+        (another replica drops a host from a room whose heartbeat it saw expire)."""
         async with _store("heartbeat"):
-            await self._redis.set(f"{PREFIX}host:{self.host_id}", "1", ex=HEARTBEAT_TTL_S)
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.set(f"{PREFIX}host:{self.host_id}", "1", ex=HEARTBEAT_TTL_S)
+            for room_id in list(self._present):
+                pipe.sadd(f"{PREFIX}room:{room_id}:hosts", self.host_id)
+            await pipe.execute()
 
     async def retire(self, rooms: list[str]) -> None:
         async with _store("retire"):
@@ -117,11 +141,8 @@ class RoomRegistry:
                 pipe.srem(f"{PREFIX}room:{room_id}:hosts", self.host_id)
             await pipe.execute()
 
-    async def present(self, room_id: str) -> None:
-        async with _store("presence"):
-            await _aw(self._redis.sadd(f"{PREFIX}room:{room_id}:hosts", self.host_id))
-
     async def absent(self, room_id: str) -> None:
+        self._present.discard(room_id)
         async with _store("presence"):
             await _aw(self._redis.srem(f"{PREFIX}room:{room_id}:hosts", self.host_id))
 

@@ -27,6 +27,7 @@ DEFAULT_UPSTREAM_MAX_CONNECTIONS = 4000
 DEFAULT_RATE_LIMIT = 30
 DEFAULT_RATE_WINDOW_S = 60
 DEFAULT_SOCKET_MAX_QUEUE = 1000
+DEFAULT_SOCKET_DRAIN_GRACE_S = 2.0
 DEFAULT_FLAGS_REFRESH_S = 0.5
 DEFAULT_PRESENCE_REFRESH_S = 1.0
 DEFAULT_STREAMING_PERCENT = 100.0
@@ -80,6 +81,7 @@ class Settings:
     rate_window_s: int = DEFAULT_RATE_WINDOW_S
     max_content_chars: int = DEFAULT_MAX_CONTENT_CHARS
     socket_max_queue: int = DEFAULT_SOCKET_MAX_QUEUE
+    socket_drain_grace_s: float = DEFAULT_SOCKET_DRAIN_GRACE_S
     flags_refresh_s: float = DEFAULT_FLAGS_REFRESH_S
     presence_refresh_s: float = DEFAULT_PRESENCE_REFRESH_S
     cors_origins: tuple[str, ...] = ()
@@ -130,6 +132,9 @@ class Settings:
             ),
             socket_max_queue=env.integer(
                 "BRIDGE_SOCKET_MAX_QUEUE", DEFAULT_SOCKET_MAX_QUEUE, low=8
+            ),
+            socket_drain_grace_s=env.number(
+                "BRIDGE_SOCKET_DRAIN_GRACE_S", DEFAULT_SOCKET_DRAIN_GRACE_S, low=0.01
             ),
             flags_refresh_s=env.number(
                 "BRIDGE_FLAGS_REFRESH_S", DEFAULT_FLAGS_REFRESH_S, low=0.05, high=1.0

@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -24,7 +26,7 @@ from bridge.payloads import Payload
 from bridge.rooms import InFlight, RoomRegistry
 from bridge.settings import Timeouts
 from bridge.sio import AckFn, SocketServer
-from bridge.upstream import Chunk, End, Failed, Start, Upstream
+from bridge.upstream import Chunk, End, Failed, Start, Upstream, UpstreamStream
 from contracts import ChatRequest, ErrorCode, Path
 
 log = structlog.get_logger("bridge.sinks")
@@ -152,6 +154,12 @@ async def run_complete(
     return True, None
 
 
+@dataclass
+class _Followed:
+    expected: int = 0
+    announced: bool = False
+
+
 async def follow(
     *,
     server: SocketServer,
@@ -164,11 +172,10 @@ async def follow(
 ) -> None:
     """Replay ``item`` to socket ``sid`` from the backend, then follow it live to its end."""
     server.filter.follow(sid, item.message_id)
-    expected = 0
-    announced = False
+    state = _Followed()
     try:
         for _attempt in range(timeouts.max_resumes + 1):
-            last_seq = expected - 1 if announced and expected > 0 else None
+            last_seq = state.expected - 1 if state.announced and state.expected else None
             try:
                 stream = await upstream.resume(item.request_id, item.user_id, last_seq, traceparent)
             except UpstreamHttpError as exc:
@@ -178,30 +185,46 @@ async def follow(
             except UpstreamError:
                 continue
             try:
-                while True:
-                    wait = timeouts.idle_s if expected else timeouts.first_chunk_s
-                    event = await stream.next_event(wait)
-                    if type(event) is Start and not announced:
-                        announced = True
-                        start = payloads.start(item.request_id, room_id, event.message_id)
-                        server.emit_to(sid, START, start, follower=True)
-                    elif type(event) is Chunk and announced and event.seq == expected:
-                        expected += 1
-                        chunk = payloads.chunk(
-                            item.request_id, room_id, item.message_id, event.seq, event.text
-                        )
-                        server.emit_to(sid, CHUNK, chunk, follower=True)
-                    elif type(event) is Failed and event.body.retryable:
-                        return  # the relay falls back; its result reaches the room live
-                    elif type(event) in (End, Failed) and announced:
-                        server.emit_to(sid, *_terminal(event, item, room_id), follower=True)
-                        return
-            except UpstreamError:
+                if await _follow_stream(server, stream, sid, room_id, item, state, timeouts):
+                    return
+            except (UpstreamError, TimeoutError):
                 pass
             finally:
                 await stream.aclose()
     finally:
         server.filter.unfollow(sid, item.message_id)
+
+
+async def _follow_stream(
+    server: SocketServer,
+    stream: UpstreamStream,
+    sid: str,
+    room_id: str,
+    item: InFlight,
+    state: _Followed,
+    timeouts: Timeouts,
+) -> bool:
+    """Relay one resumed stream to ``sid``; ``True`` once the generation is over for it."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout_at(loop.time() + timeouts.first_chunk_s) as timer:
+        async for event in stream.events():
+            if type(event) is Start and not state.announced:
+                state.announced = True
+                start = payloads.start(item.request_id, room_id, event.message_id)
+                server.emit_to(sid, START, start, follower=True)
+            elif type(event) is Chunk and state.announced and event.seq == state.expected:
+                state.expected += 1
+                chunk = payloads.chunk(
+                    item.request_id, room_id, item.message_id, event.seq, event.text
+                )
+                server.emit_to(sid, CHUNK, chunk, follower=True)
+            elif type(event) is Failed and event.body.retryable:
+                return True  # the relay falls back; its result reaches the room live
+            elif type(event) in (End, Failed) and state.announced:
+                server.emit_to(sid, *_terminal(event, item, room_id), follower=True)
+                return True
+            timer.reschedule(loop.time() + timeouts.idle_s)
+    return False
 
 
 def _terminal(event: Any, item: InFlight, room_id: str) -> tuple[str, Payload]:

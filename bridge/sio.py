@@ -13,9 +13,13 @@ Choices, and why (do not "simplify" them without reading this):
   encoded once and put straight on each local socket's Engine.IO queue; Redis carries it only
   when another replica has members of the room (``publish``). Events that arrive from other
   replicas through the queue take the same local path (``_handle_emit`` override).
-- Every packet to a socket goes through ``_push``: the per-socket output is bounded
-  (``socket_max_queue`` packets); a socket over the bound is disconnected, its queue dropped
-  (it recovers by reconnecting and re-joining), instead of growing memory for a slow reader.
+- Every packet to a socket goes through ``push``: the per-socket output is bounded. A queue over
+  ``socket_max_queue`` packets that has not drained below it ``drain_grace_s`` later, or that
+  reaches ``HARD_QUEUE_FACTOR`` times the bound at any moment, gets its socket disconnected and
+  its queue dropped (the client recovers by reconnecting and re-joining), instead of memory
+  growing for a slow reader. The grace is there because a healthy socket also sees bursts: a
+  relay can put many chunks in a row without yielding (buffered SSE, a joiner's replay), and
+  Engine.IO's writer empties the whole queue each time it runs.
 - ``DeliveryFilter`` (bridge/fanout.py) orders the ``ai_message_*`` events per socket.
 """
 
@@ -35,6 +39,7 @@ log = structlog.get_logger("bridge.sio")
 
 NAMESPACE = "/"
 KICK_CLOSE_TIMEOUT_S = 5.0
+HARD_QUEUE_FACTOR = 10
 
 Payload = dict[str, Any]
 AckFn = Callable[[Payload], None]
@@ -102,6 +107,7 @@ class SocketServer:
         redis_url: str,
         channel: str,
         socket_max_queue: int,
+        drain_grace_s: float,
         cors_origins: tuple[str, ...],
         on_connect: ConnectHandler,
         on_disconnect: DisconnectHandler,
@@ -121,6 +127,9 @@ class SocketServer:
         self._sio.owner = self
         self._handlers: dict[str, EventHandler] = {}
         self._max_queue = socket_max_queue
+        self._hard_max_queue = socket_max_queue * HARD_QUEUE_FACTOR
+        self._drain_grace_s = drain_grace_s
+        self._over: set[str] = set()
         self._kicked: set[str] = set()
         self.kicks = 0
         self.filter = DeliveryFilter()
@@ -168,11 +177,25 @@ class SocketServer:
         if sock is None or sock.closed or sock.closing or eio_sid in self._kicked:
             return False
         queue = sock.queue
-        if queue.qsize() >= self._max_queue:
-            self._kick(eio_sid, queue)
-            return False
+        size = queue.qsize()
+        if size >= self._max_queue:
+            if size >= self._hard_max_queue:
+                self._kick(eio_sid, queue)
+                return False
+            if eio_sid not in self._over:
+                self._over.add(eio_sid)
+                self.spawn(self._check_drained(eio_sid))
         queue.put_nowait(pkt)
         return True
+
+    async def _check_drained(self, eio_sid: str) -> None:
+        try:
+            await asyncio.sleep(self._drain_grace_s)
+        finally:
+            self._over.discard(eio_sid)
+        sock = self._sio.eio.sockets.get(eio_sid)
+        if sock is not None and not sock.closed and sock.queue.qsize() >= self._max_queue:
+            self._kick(eio_sid, sock.queue)
 
     def emit_to(self, sid: str, event: str, payload: Payload, *, follower: bool = False) -> None:
         """An event for one local socket (through the delivery filter)."""
@@ -262,6 +285,8 @@ class SocketServer:
         return iter(list(members.items()))
 
     def _kick(self, eio_sid: str, queue: asyncio.Queue[Any]) -> None:
+        if eio_sid in self._kicked:
+            return
         self._kicked.add(eio_sid)
         self.kicks += 1
         while not queue.empty():  # drop what it never read: that is the memory being bounded

@@ -5,13 +5,22 @@ Errors leave this module only as ``bridge.errors.UpstreamError`` subclasses (``t
 
 Hot path: a chunk event is decoded with ``json.loads`` and two type checks, not a pydantic
 model; the rare events (start, end, error, JSON replies) go through the contract models.
+
+The client's transport is ``ShardedTransport``: one httpx transport made of several
+independent connection pools used in turn. Do not "simplify" it back to one pool without
+measuring: httpcore 1.0's pool does O(connections^2) bookkeeping on every request and every
+response close (``_assign_requests_to_connections``), and with one SSE stream per connection a
+single pool of 1,000 connections spent most of the bridge's CPU there
+(loadtest/bench_bridge.py, ``is_idle`` called ~900 times per request at 40 streams).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
-from collections.abc import AsyncGenerator
+import math
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote
@@ -39,6 +48,13 @@ from contracts import (
 )
 
 MAX_ERROR_BODY_BYTES = 4096
+# After the terminal event the backend ends the body; reading it to EOF hands the connection
+# back to the keep-alive pool (closing a response with unread body discards the connection,
+# and a fresh TCP + HTTP setup per stream costs TTFT and CPU).
+DRAIN_TIMEOUT_S = 0.25
+MAX_DRAIN_EVENTS = 16
+DEFAULT_POOL_SHARDS = 32
+KEEPALIVE_EXPIRY_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +85,10 @@ UpstreamEvent = Start | Chunk | End | Failed
 class UpstreamStream(Protocol):
     """One open SSE stream of a generation."""
 
-    async def next_event(self, timeout_s: float) -> UpstreamEvent:
-        """The next event; ``UpstreamDisconnected`` at EOF, ``UpstreamTimeout`` after the wait."""
+    def events(self) -> AsyncIterator[UpstreamEvent]:
+        """The stream's events; raises ``UpstreamDisconnected`` at an EOF without a terminal
+        event. It does not time out: the reader bounds each wait (one timer per stream, not a
+        timeout context per event: that is measurable per chunk)."""
         ...
 
     async def aclose(self) -> None: ...
@@ -119,28 +137,64 @@ class HttpUpstreamStream:
     def __init__(self, response: httpx.Response, what: str) -> None:
         self._response = response
         self._what = what
+        self._finished = False
         self._events: AsyncGenerator[httpx_sse.ServerSentEvent, None] = httpx_sse.EventSource(
             response
         ).aiter_sse()
+        self._iter: AsyncGenerator[UpstreamEvent, None] | None = None
 
-    async def next_event(self, timeout_s: float) -> UpstreamEvent:
+    def events(self) -> AsyncIterator[UpstreamEvent]:
+        if self._iter is None:
+            self._iter = self._iterate()
+        return self._iter
+
+    async def _iterate(self) -> AsyncGenerator[UpstreamEvent, None]:
         with translating(self._what):
-            async with asyncio.timeout(timeout_s):
-                while True:
-                    try:
-                        sse = await anext(self._events)
-                    except StopAsyncIteration:
-                        raise UpstreamDisconnected(f"{self._what}: stream ended early") from None
-                    event = decode_event(sse.event, sse.data)
-                    if event is not None:
-                        return event
+            async for sse in self._events:
+                event = decode_event(sse.event, sse.data)
+                if event is None:
+                    continue
+                if type(event) is End or type(event) is Failed:
+                    self._finished = True
+                yield event
+            raise UpstreamDisconnected(f"{self._what}: stream ended early")
 
     async def aclose(self) -> None:
+        if self._iter is not None:
+            await self._iter.aclose()
+        if self._finished:
+            try:
+                async with asyncio.timeout(DRAIN_TIMEOUT_S):
+                    for _ in range(MAX_DRAIN_EVENTS):
+                        await anext(self._events)
+            except (StopAsyncIteration, TimeoutError, httpx.HTTPError):
+                pass
         try:
             await self._events.aclose()
         except Exception:  # closing a broken stream must not raise
             pass
         await self._response.aclose()
+
+
+class ShardedTransport(httpx.AsyncBaseTransport):
+    """One transport over ``shards`` connection pools, picked round-robin per request."""
+
+    def __init__(self, *, shards: int, max_connections: int, keepalive_expiry_s: float) -> None:
+        per_shard = max(1, math.ceil(max_connections / shards))
+        limits = httpx.Limits(
+            max_connections=per_shard,
+            max_keepalive_connections=per_shard,
+            keepalive_expiry=keepalive_expiry_s,
+        )
+        self._shards = [httpx.AsyncHTTPTransport(limits=limits) for _ in range(shards)]
+        self._turn = itertools.cycle(self._shards)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await next(self._turn).handle_async_request(request)
+
+    async def aclose(self) -> None:
+        for shard in self._shards:
+            await shard.aclose()
 
 
 class HttpUpstream:
@@ -153,20 +207,22 @@ class HttpUpstream:
         token: str,
         timeouts: Timeouts,
         max_connections: int,
+        pool_shards: int = DEFAULT_POOL_SHARDS,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._timeouts = timeouts
+        if transport is None:
+            transport = ShardedTransport(
+                shards=pool_shards,
+                max_connections=max_connections,
+                keepalive_expiry_s=KEEPALIVE_EXPIRY_S,
+            )
         self._client = httpx.AsyncClient(
             base_url=base_url,
             headers={"Authorization": f"Bearer {token}"},
             # Read waits are bounded per event by the relay (first event, TTFT, idle), so the
             # transport's own read timeout is off; connect and pool waits stay bounded here.
             timeout=httpx.Timeout(connect=timeouts.connect_s, read=None, write=5.0, pool=5.0),
-            limits=httpx.Limits(
-                max_connections=max_connections,
-                max_keepalive_connections=max_connections,
-                keepalive_expiry=30.0,
-            ),
             transport=transport,
         )
 

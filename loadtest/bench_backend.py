@@ -1,15 +1,22 @@
 """Backend overhead benchmark (issue 2): TTFT seen by an SSE client minus the scripted TTFT.
 
 Starts its own embedded Redis and one backend process, then for each concurrency level keeps
-that many SSE streams open (httpx + httpx-sse): N closed-loop workers, their starts spread over
-one stream's length so arrivals are steady rather than one burst, each opening its next stream
-when the last one ends, for ``--duration-s``. Only streams opened after the ramp count. It
-reports p50/p95 of the overhead, and the Redis commands per chunk from INFO commandstats deltas.
-``--burst`` instead opens all N at the same instant (a thundering herd: the overhead then
-includes queueing behind the other N-1 starts, ~2 ms of CPU each on a small machine).
-On the hot path a chunk costs one round trip (one XADD; the first is pipelined with its
-EXPIRE); each generation adds a fixed three
-(claim script, load-and-store pipeline, terminal MULTI).
+that many SSE streams open: N closed-loop workers whose starts are spread over one stream's
+length (steady arrivals, not one burst), each opening its next stream when the last one ends,
+for ``--duration-s``. Only streams opened after that ramp count. ``--burst`` instead opens all
+N at the same instant (a thundering herd: the overhead then includes queueing behind the other
+N-1 starts, ~1-2 ms of CPU each on a small machine).
+
+Columns: p50/p95/max overhead; Redis commands per chunk (``xadd/chk``, ``cmds/chk``: INFO
+commandstats deltas, all commands including the per-generation claim script and terminal
+script); ``rtt/chk``: pipelines that carried chunks per chunk (from the backend's /metrics; chunks
+of concurrent generations share a pipeline, so it drops below 1 under load; each generation
+adds two fixed round trips: the claim script and the terminal script); server CPU %.
+
+Client: ``--client raw`` (default) is a minimal asyncio HTTP/1.1 reader that only looks for
+``event: chunk`` in the bytes; ``--client httpx`` uses httpx + httpx-sse. Do not trust httpx
+figures past ~50 streams on a 2-core machine: its pure-Python parsing (h11, one HTTP chunk per
+SSE event) saturates the client's core and the "overhead" becomes the client's own queueing.
 
     .venv/bin/python -m loadtest.bench_backend --streams 1,100,500
 """
@@ -27,6 +34,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import httpx_sse
+import orjson
 import psutil
 import redis
 
@@ -38,6 +46,7 @@ DEFAULT_TTFT_MS = 200.0
 DEFAULT_TOKENS = 20
 DEFAULT_TOKENS_PER_S = 50.0
 DEFAULT_DURATION_S = 10.0
+CHUNK_MARK = b"\nevent: chunk\n"
 READY_TIMEOUT_S = 30.0
 STREAM_TIMEOUT_S = 120.0
 
@@ -51,6 +60,8 @@ class Level:
     commands: dict[str, int] = field(default_factory=dict)
     wall_s: float = 0.0
     server_cpu_s: float = 0.0
+    chunk_batches: float = 0.0
+    server_chunks: float = 0.0  # every chunk of the level, the ramp's too
 
 
 def percentile(values: list[float], pct: float) -> float:
@@ -85,18 +96,23 @@ def start_backend(redis_url: str, port: int, args: argparse.Namespace) -> subpro
     raise TimeoutError("backend did not become ready")
 
 
+def server_counters(base_url: str) -> dict[str, float]:
+    """``backend_chunks_total`` and ``backend_chunk_batches_total`` from /metrics."""
+    found = {}
+    for line in httpx.get(f"{base_url}/metrics", timeout=10).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in {"backend_chunks_total", "backend_chunk_batches_total"}:
+            found[name] = float(value)
+    return found
+
+
 def command_counts(client: redis.Redis) -> dict[str, int]:
     stats = client.info("commandstats")
     return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
 
 
 async def one_stream(client: httpx.AsyncClient, ttft_ms: float, level: Level) -> None:
-    payload = {
-        "requestId": f"bench-{uuid.uuid4().hex}",
-        "roomId": f"room-{uuid.uuid4().hex[:8]}",
-        "userId": f"user-{uuid.uuid4().hex[:8]}",
-        "content": "benchmark message",
-    }
+    payload = _payload()
     began = time.perf_counter()
     first = True
     try:
@@ -115,6 +131,55 @@ async def one_stream(client: httpx.AsyncClient, ttft_ms: float, level: Level) ->
         level.errors += 1
 
 
+async def one_raw_stream(base_url: str, ttft_ms: float, level: Level) -> None:
+    """Connection: close per stream, so the end of the response is the end of the socket."""
+    url = httpx.URL(base_url)
+    host, port = url.host, url.port or 80
+    body = orjson.dumps(_payload())
+    head = (
+        f"POST /chat/messages/stream HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    began = time.perf_counter()
+    writer = None
+    try:
+        async with asyncio.timeout(STREAM_TIMEOUT_S):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(head + body)
+            buf = bytearray()
+            seen_first = False
+            while data := await reader.read(65536):
+                buf += data
+                if not seen_first and CHUNK_MARK in buf:
+                    level.overheads_ms.append((time.perf_counter() - began) * 1000 - ttft_ms)
+                    seen_first = True
+        if not buf.startswith(b"HTTP/1.1 200") or b"event: end\n" not in buf:
+            level.errors += 1
+        level.chunks += buf.count(CHUNK_MARK)
+    except (OSError, TimeoutError):
+        level.errors += 1
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _payload() -> dict[str, str]:
+    return {
+        "requestId": f"bench-{uuid.uuid4().hex}",
+        "roomId": f"room-{uuid.uuid4().hex[:8]}",
+        "userId": f"user-{uuid.uuid4().hex[:8]}",
+        "content": "benchmark message",
+    }
+
+
+async def open_one(client: httpx.AsyncClient, level: Level, args: argparse.Namespace) -> None:
+    if args.client == "raw":
+        await one_raw_stream(str(client.base_url), args.ttft_ms, level)
+    else:
+        await one_stream(client, args.ttft_ms, level)
+
+
 async def worker(
     client: httpx.AsyncClient, index: int, level: Level, args: argparse.Namespace
 ) -> None:
@@ -125,7 +190,7 @@ async def worker(
     scratch = Level(level.streams)
     while time.perf_counter() - began < args.duration_s:
         counting = time.perf_counter() >= measured_from
-        await one_stream(client, args.ttft_ms, level if counting else scratch)
+        await open_one(client, level if counting else scratch, args)
 
 
 async def run_level(base_url: str, streams: int, args: argparse.Namespace) -> Level:
@@ -139,7 +204,7 @@ async def run_level(base_url: str, streams: int, args: argparse.Namespace) -> Le
     ) as client:
         began = time.perf_counter()
         if args.burst:
-            await asyncio.gather(*(one_stream(client, args.ttft_ms, level) for _ in range(streams)))
+            await asyncio.gather(*(open_one(client, level, args) for _ in range(streams)))
         else:
             await asyncio.gather(*(worker(client, i, level, args) for i in range(streams)))
         level.wall_s = time.perf_counter() - began
@@ -149,14 +214,15 @@ async def run_level(base_url: str, streams: int, args: argparse.Namespace) -> Le
 def report(level: Level, before: dict[str, int], after: dict[str, int]) -> str:
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     delta = {k: v for k, v in delta.items() if v > 0 and k not in {"info", "config|resetstat"}}
-    chunks = max(level.chunks, 1)
+    chunks = max(level.server_chunks, 1)
     xadd = delta.get("xadd", 0)
     total = sum(delta.values())
     return (
         f"{level.streams:>7} {len(level.overheads_ms):>5} {level.errors:>6} "
         f"{percentile(level.overheads_ms, 50):>9.2f} {percentile(level.overheads_ms, 95):>9.2f} "
         f"{max(level.overheads_ms, default=float('nan')):>9.2f} {level.chunks:>7} "
-        f"{xadd / chunks:>10.2f} {total / chunks:>10.2f} {level.wall_s:>7.2f} "
+        f"{xadd / chunks:>10.2f} {total / chunks:>10.2f} {level.chunk_batches / chunks:>9.2f} "
+        f"{level.wall_s:>7.2f} "
         f"{100 * level.server_cpu_s / max(level.wall_s, 1e-9):>5.0f}"
     )
 
@@ -172,20 +238,28 @@ async def bench(args: argparse.Namespace) -> None:
             warm = argparse.Namespace(**{**vars(args), "burst": True})
             await run_level(base_url, 1, warm)  # warm-up: imports, connections, scripts
             mode = "burst" if args.burst else f"steady, {args.duration_s:g} s per level"
+            mode += f", {args.client} client"
             print(
                 f"{mode}; scripted TTFT {args.ttft_ms:g} ms, {args.tokens} tokens at "
                 f"{args.tps:g}/s; overhead = client TTFT - scripted TTFT"
             )
             print(
                 f"{'streams':>7} {'ok':>5} {'errors':>6} {'p50 ms':>9} {'p95 ms':>9} {'max ms':>9} "
-                f"{'chunks':>7} {'xadd/chk':>10} {'cmds/chk':>10} {'wall s':>7} {'cpu%':>5}",
+                f"{'chunks':>7} {'xadd/chk':>10} {'cmds/chk':>10} {'rtt/chk':>9} {'wall s':>7} "
+                f"{'cpu%':>5}",
                 flush=True,
             )
             for streams in args.streams:
                 before = command_counts(stats)
                 cpu_before = sum(server.cpu_times()[:2])
+                counters_before = server_counters(base_url)
                 level = await run_level(base_url, streams, args)
                 level.server_cpu_s = sum(server.cpu_times()[:2]) - cpu_before
+                counters = server_counters(base_url)
+                for name in ("chunk_batches", "chunks"):
+                    metric = f"backend_{name}_total"
+                    delta = counters.get(metric, 0) - counters_before.get(metric, 0)
+                    setattr(level, "server_chunks" if name == "chunks" else name, delta)
                 print(report(level, before, command_counts(stats)), flush=True)
         finally:
             stats.close()
@@ -204,6 +278,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS)
     parser.add_argument("--tps", type=float, default=DEFAULT_TOKENS_PER_S)
     parser.add_argument("--duration-s", type=float, default=DEFAULT_DURATION_S)
+    parser.add_argument("--client", choices=["raw", "httpx"], default="raw")
     parser.add_argument("--burst", action="store_true", help="open all N streams at once")
     args = parser.parse_args(argv)
     args.streams = [int(x) for x in str(args.streams).split(",") if x.strip()]

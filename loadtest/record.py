@@ -4,6 +4,11 @@ Every latency is measured from the request's *scheduled* send time, not from whe
 written to the socket (issue 4): a generator that falls behind, or a request that waits for a free
 connection, shows up as latency instead of silently disappearing (coordinated omission).
 
+Correctness counters record what the *server* got wrong: ``missing_terminal`` means the done ack
+arrived without an ``ai_message_end``/``ai_message_error`` before it. A stream that simply never
+ends is a failure (``stall`` / ``timeout``) and is not counted twice; a dropped connection is a
+``disconnect``.
+
 The tracker is protocol-agnostic: the Socket.IO driver and the direct SSE driver both feed it the
 same calls (``on_ack``, ``on_chunk``, ``on_end`` ...), so both targets are measured identically.
 """
@@ -71,7 +76,7 @@ class RequestRecord:
     duplicates: int = 0
     out_of_order: int = 0
     content_mismatch: bool = False
-    missing_terminal: bool = False
+    missing_terminal: bool = False  # the done ack came, the terminal event never did
     missing_done: bool = False
     malformed: int = 0  # payloads that broke the contract's models
 
@@ -224,7 +229,6 @@ class RequestTracker:
             self.record.missing_done = True
             self._finish()
             return
-        self.record.missing_terminal = self.record.ack_ms is not None
         self._fail(Failure.DISCONNECT, None)
 
     def check_deadlines(self, now: float) -> None:
@@ -245,13 +249,10 @@ class RequestTracker:
                 self._fail(Failure.ACK_TIMEOUT, None)
         elif record.ttft_ms is None:
             if age_s > min(limits.ttft_s, limits.total_s):
-                record.missing_terminal = True
                 self._fail(Failure.TIMEOUT, None)
         elif self._last_event_at is not None and now - self._last_event_at > limits.stall_s:
-            record.missing_terminal = True
             self._fail(Failure.STALL, None)
         elif age_s > limits.total_s:
-            record.missing_terminal = True
             self._fail(Failure.TIMEOUT, None)
 
     def fail_unsent(self) -> None:
@@ -263,7 +264,6 @@ class RequestTracker:
             self.record.missing_done = True
             self._finish()
             return
-        self.record.missing_terminal = self.record.ack_ms is not None
         self._fail(Failure.TIMEOUT, None)
 
     def _terminal(self, now: float, *, completed: bool = True) -> None:

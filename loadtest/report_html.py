@@ -30,8 +30,9 @@ def _nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     raw = (high - low) / count
     magnitude = 10 ** math.floor(math.log10(raw))
     step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
-    first = math.ceil(low / step) * step
-    return [first + i * step for i in range(int((high - first) / step) + 1)]
+    first = math.floor(low / step) * step  # the ticks enclose the data on both sides
+    last = math.ceil(high / step) * step
+    return [first + i * step for i in range(round((last - first) / step) + 1)]
 
 
 def _fmt(value: float) -> str:

@@ -27,6 +27,11 @@ __all__ = ["LoadTestSettings", "RunOutcome", "execute"]
 
 DEFAULT_PROMPT = "Tell me a short story about a lighthouse keeper."
 
+# The embedded stack is a benchmark rig: its per-user send limit (30/min by default) is product
+# policy, and N simulated users at R requests/s exceed it whenever R/N > 0.5/s, which would
+# measure the limiter instead of streaming. ``--stack-env BRIDGE_RATE_LIMIT=30`` puts it back.
+STACK_DEFAULT_ENV = {"BRIDGE_RATE_LIMIT": "0"}
+
 
 @dataclass(frozen=True, kw_only=True)
 class LoadTestSettings:
@@ -130,7 +135,7 @@ async def execute(
     """
     if settings.stack:
         stack = EmbeddedStack(
-            env=settings.stack_env,
+            env={**STACK_DEFAULT_ENV, **settings.stack_env},
             port=settings.stack_port,
             start_timeout_s=settings.stack_start_timeout_s,
         )
@@ -171,7 +176,7 @@ async def _execute(settings: LoadTestSettings, out: TextIO, err: TextIO) -> RunO
         },
         gated_target=targets[0].name,
         prompt_chars=len(settings.prompt),
-        stack_env=dict(settings.stack_env),
+        stack_env={**STACK_DEFAULT_ENV, **settings.stack_env} if settings.stack else {},
     )
     err.write(
         f"run {run_id}: {len(schedule)} requests scheduled over "

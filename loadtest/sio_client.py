@@ -55,6 +55,8 @@ AckCallback = Callable[[Any, float], None]
 CloseCallback = Callable[["SioConnection", float], None]
 
 DEFAULT_SOCKETIO_PATH = "/socket.io/"
+# Silence longer than the server's ping interval + timeout means a dead peer; never less than this.
+MIN_PING_DEADLINE_S = 1.0
 
 
 class ConnectRefused(ConnectionError):
@@ -128,7 +130,8 @@ class SioConnection:
             if text.startswith("0") and not opened:
                 info = orjson.loads(text[1:])
                 interval_s = info.get("pingInterval", 25000) / 1000.0
-                self.ping_deadline_s = interval_s + info.get("pingTimeout", 20000) / 1000.0
+                timeout_s = info.get("pingTimeout", 20000) / 1000.0
+                self.ping_deadline_s = max(interval_s + timeout_s, MIN_PING_DEADLINE_S)
                 opened = True
                 await ws.send_str("40" + orjson.dumps(auth).decode())
             elif text == "2":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,7 @@ __all__ = ["DEFAULT_STACK_START_TIMEOUT_S", "EmbeddedStack", "StackInfo", "Stack
 
 DEFAULT_STACK_START_TIMEOUT_S = 60.0
 READY_PREFIX = "READY "
+GROUP_SWEEP_TIMEOUT_S = 5.0
 
 
 class StackStartError(RuntimeError):
@@ -51,9 +53,18 @@ class EmbeddedStack:
         start_timeout_s: float = DEFAULT_STACK_START_TIMEOUT_S,
         python: str = sys.executable,
     ) -> None:
-        self.argv = [python, "-m", "bridge", "stack"]
-        if port is not None:
-            self.argv += ["--port", str(port)]
+        # A free port by default: the stack's own default (8080) may be taken on a shared machine.
+        self.port = port if port is not None else _free_port()
+        self.argv = [
+            python,
+            "-m",
+            "bridge",
+            "stack",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
         self.env = {**os.environ, **env}
         self.start_timeout_s = start_timeout_s
         fd, name = tempfile.mkstemp(prefix="loadtest-stack-", suffix=".log")
@@ -98,16 +109,23 @@ class EmbeddedStack:
         return None
 
     async def stop(self, timeout_s: float = 15.0) -> None:
-        """SIGTERM the stack's process group (its children too), SIGKILL after ``timeout_s``."""
+        """SIGTERM the stack, then whatever is left of its process group, SIGKILL after a wait.
+
+        The stack was started in a session of its own, so its process group is exactly the stack
+        and its children (backend, Redis). The group is swept even when the stack itself exits
+        at once: a stack killed by SIGTERM before its cleanup ran leaves its children behind.
+        """
         proc, self.proc = self.proc, None
-        if proc is None or proc.returncode is not None:
+        if proc is None:
             return
-        _signal_group(proc.pid, signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), timeout_s)
-        except TimeoutError:
-            _signal_group(proc.pid, signal.SIGKILL)
-            await asyncio.wait_for(proc.wait(), 5.0)
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), timeout_s)
+            except TimeoutError:
+                _signal_group(proc.pid, signal.SIGKILL)
+                await asyncio.wait_for(proc.wait(), 5.0)
+        await _sweep_group(proc.pid, GROUP_SWEEP_TIMEOUT_S)
 
     async def __aenter__(self) -> StackInfo:
         try:
@@ -125,8 +143,27 @@ class EmbeddedStack:
         await self.stop()
 
 
-def _signal_group(pid: int, sig: signal.Signals) -> None:
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _signal_group(pgid: int, sig: signal.Signals | int) -> bool:
+    """Signal a process group; ``False`` when no process is left in it."""
     try:
-        os.killpg(pid, sig)
+        os.killpg(pgid, sig)
     except ProcessLookupError:
-        pass
+        return False
+    return True
+
+
+async def _sweep_group(pgid: int, timeout_s: float) -> None:
+    if not _signal_group(pgid, signal.SIGTERM):
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        if not _signal_group(pgid, 0):
+            return
+    _signal_group(pgid, signal.SIGKILL)

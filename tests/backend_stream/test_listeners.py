@@ -88,3 +88,20 @@ async def test_attach_on_another_replica_before_the_first_token_gets_every_chunk
     for seq in range(len([e for e in original if e.event == "chunk"])):
         assert f"id: {seq}\nevent: chunk\n" in frames
     assert "event: end" in frames and end["content"] in frames
+
+
+async def test_resume_on_another_replica_sends_pings_while_the_model_is_silent(
+    backend: Backend, backend_b: Backend
+) -> None:
+    payload = body("quiet [[ttft_ms=900]] [[tokens=3]]")
+    async with backend.client() as a, backend_b.client() as b:
+        async with httpx_sse.aconnect_sse(a, "POST", "/chat/messages/stream", json=payload) as s:
+            events = s.aiter_sse()
+            assert (await anext(events)).event == "start"
+            resumed = await b.get(
+                f"/chat/messages/stream/{payload['requestId']}",
+                params={"userId": payload["userId"]},
+            )
+            _ = [e async for e in events]
+    assert ": ping\n\n" in resumed.text
+    assert resumed.text.rstrip().split("\n")[-2] == "event: end"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from redis.asyncio import Redis
 
 from backend_stream.errors import ModelFailed, ModelRateLimited, ModelTimeout, ProviderError
 from backend_stream.providers import Delta, ModelRequest, OpenAIProvider, PromptMessage
@@ -100,3 +101,27 @@ async def test_backend_with_openai_provider_streams_and_maps_errors(redis_url: s
     assert (failed.status_code, failed.json()["code"]) == (502, "MODEL_ERROR")
     assert "event: error" in malformed.text and '"code":"MODEL_ERROR"' in malformed.text
     assert "event: error" in stalled.text and '"code":"STREAM_TIMEOUT"' in stalled.text
+
+
+async def test_prompt_is_character_prompt_then_room_history_then_user_message(
+    redis_url: str,
+) -> None:
+    room = body()["roomId"]
+    redis = Redis.from_url(redis_url, decode_responses=True)
+    await redis.hset("bs:character:mina-1", "systemPrompt", "You are Mina.")
+    await redis.aclose()
+    async with FakeOpenAI() as fake:
+        proc = start_backend(
+            redis_url, PROVIDER="openai", OPENAI_BASE_URL=fake.base_url, HISTORY_MESSAGES="2"
+        )
+        try:
+            async with Backend(proc).client() as client:
+                for text in ("ok", "ok", "ok"):
+                    payload = {**body(text, characterId="mina-1"), "roomId": room}
+                    assert (await client.post("/chat/messages", json=payload)).status_code == 200
+        finally:
+            proc.stop()
+    last = fake.requests[-1]["messages"]
+    assert last[0] == {"role": "system", "content": "You are Mina."}
+    assert [m["role"] for m in last[1:]] == ["user", "assistant", "user"]
+    assert last[2]["content"] == "".join(TOKENS)

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import httpx_sse
 
-from tests.backend_stream.conftest import Backend, body, parse_frames
+from tests.backend_stream.conftest import Backend, body, parse_frames, start_backend
 
 
 async def read_stream(client: httpx.AsyncClient, payload: dict[str, Any]) -> list[dict[str, str]]:
@@ -147,3 +147,34 @@ async def test_cancel_reaches_the_generation_on_another_replica(
                     assert cancel.status_code == 200
     assert events[-1].event == "end"
     assert json.loads(events[-1].data)["finishReason"] == "cancelled"
+
+
+async def test_a_generation_whose_replica_died_is_reported_and_rerun_on_retry(
+    redis_url: str, backend_b: Backend
+) -> None:
+    """A crashed pod must not leave its requestId attached to a generation nobody runs."""
+    owner = Backend(start_backend(redis_url, GENERATION_LEASE_S="1"))
+    payload = body("doomed [[tps=5]] [[tokens=40]]")
+    try:
+        async with owner.client() as a:
+            async with httpx_sse.aconnect_sse(
+                a, "POST", "/chat/messages/stream", json=payload
+            ) as source:
+                events = source.aiter_sse()
+                start = json.loads((await anext(events)).data)
+                assert (await anext(events)).event == "chunk"
+                owner.proc.kill()
+    finally:
+        owner.proc.stop()
+    async with backend_b.client() as b:
+        resumed = await b.get(
+            f"/chat/messages/stream/{payload['requestId']}", params={"userId": payload["userId"]}
+        )
+        assert '"code":"BACKEND_UNAVAILABLE"' in resumed.text
+        await asyncio.sleep(1.2)  # the dead owner's lease lapses
+        rerun = await read_stream(b, {**payload, "content": "doomed [[tokens=4]]"})
+        messages = await history(b, payload["roomId"])
+    assert json.loads(rerun[0]["data"]) == start
+    assert rerun[-1]["event"] == "end"
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    assert messages[1]["id"] == start["messageId"]

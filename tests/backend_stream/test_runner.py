@@ -10,13 +10,14 @@ from collections.abc import AsyncGenerator, AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
+from backend_stream.chunk_writer import ChunkWriter
 from backend_stream.generation import Generation
 from backend_stream.metrics import Metrics
 from backend_stream.providers import Delta, ModelRequest
 from backend_stream.runner import GenerationRunner
 from backend_stream.settings import Settings
 from backend_stream.store import GenerationStore, GenKey
-from contracts import SseEvent, StreamStart
+from contracts import ChatMessage, Role, SseEvent, StreamStart
 from tests.backend_stream.conftest import Backend, body, parse_frames
 
 
@@ -122,21 +123,43 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
 async def test_total_timeout_ends_an_endless_generation_with_stream_timeout(redis: Redis) -> None:
     settings = Settings(total_timeout_s=0.6, idle_timeout_s=5, first_token_timeout_s=5)
     store = GenerationStore(redis, buffer_ttl_s=60, idempotency_ttl_s=60, history_cap=10)
+    writer = ChunkWriter(redis)
+    writer.start()
     runner = GenerationRunner(
-        store=store, provider=_EndlessProvider(), settings=settings, metrics=Metrics()
+        store=store,
+        writer=writer,
+        provider=_EndlessProvider(),
+        settings=settings,
+        metrics=Metrics(),
     )
     key = GenKey("u-total", f"r-{time.monotonic_ns()}")
-    await store.claim(key, {"state": "running", "attempt": "1", "messageId": "m"})
+    user = ChatMessage(
+        id="u", request_id=key.request_id, role=Role.USER, content="hi", created_at="t"
+    )
+    claim = await store.claim(
+        key,
+        {"state": "running", "attempt": "1", "messageId": "m"},
+        room_id="room-t",
+        user_message=user,
+        history_messages=0,
+        character_id=None,
+    )
     start = StreamStart(
         request_id=key.request_id, room_id="room-t", message_id="m", user_message_id="u"
     )
     gen = Generation(key=key, attempt=1, start=start, received_at=time.monotonic())
     began = time.monotonic()
-    await asyncio.wait_for(runner.run(gen, "hi", None), 10)
+    runner.start()
+    gen.task = asyncio.create_task(runner.run(gen, "hi", claim, time.monotonic()))
+    await asyncio.wait_for(gen.task, 10)
+    await runner.aclose()
     assert gen.terminal is not None and gen.terminal.kind is SseEvent.ERROR
     assert gen.terminal.payload is not None
     assert gen.terminal.payload["code"] == "STREAM_TIMEOUT"
     assert 0.5 < time.monotonic() - began < 5
     assert len(gen.chunks) >= 2
     meta = await store.get_meta(key)
+    await writer.aclose()
     assert meta["state"] == "failed" and meta["retryable"] == "1"
+    entries = await store.read_buffer(key, 1, "0-0", block_ms=None, count=10_000)
+    assert [f["t"] for _, f in entries] == ["c"] * len(gen.chunks) + ["error"]

@@ -95,7 +95,9 @@ class Client:
         self.events.append((event, data))
 
     async def _on_connect_error(self, data: Any = None) -> None:
-        self.connect_error = data
+        # python-socketio hands over the packet ({message, data}); the JS client's err.data is
+        # the inner object, which is what the contract specifies.
+        self.connect_error = data.get("data") if isinstance(data, dict) else data
 
     async def _on_disconnect(self, reason: Any = None) -> None:
         self.disconnected.set()
@@ -116,8 +118,8 @@ class Client:
             wait_timeout=10,
         )
 
-    async def call(self, event: str, data: Any = None, timeout: float = 15.0) -> Any:
-        return await self.sio.call(event, data, timeout=timeout)
+    async def call(self, event: str, data: Any = None, wait_s: float = 15.0) -> Any:
+        return await self.sio.call(event, data, timeout=wait_s)
 
     def named(self, name: str) -> list[Any]:
         return [data for event, data in self.events if event == name]
@@ -125,11 +127,11 @@ class Client:
     def names(self) -> list[str]:
         return [event for event, _ in self.events]
 
-    async def wait_for(self, name: str, count: int = 1, timeout: float = 15.0) -> list[Any]:
-        deadline = time.monotonic() + timeout
+    async def wait_for(self, name: str, count: int = 1, wait_s: float = 15.0) -> list[Any]:
+        deadline = time.monotonic() + wait_s
         while len(self.named(name)) < count:
             if time.monotonic() > deadline:
-                raise AssertionError(f"{name} x{count} not received in {timeout}s: {self.names()}")
+                raise AssertionError(f"{name} x{count} not received in {wait_s}s: {self.names()}")
             await asyncio.sleep(0.01)
         return self.named(name)
 

@@ -163,7 +163,9 @@ async def test_room_belongs_to_first_joiner(bridge: RunningBridge) -> None:
 async def test_rate_limit_per_user_in_redis(bridge: RunningBridge) -> None:
     user, room = new_id("user"), new_id("room")
     async with connected(bridge.url, user) as first, connected(bridge.url, user) as second:
-        acks = [await first.call("send_message", {"roomId": room, "content": "hi"}) for _ in range(3)]
+        acks = [
+            await first.call("send_message", {"roomId": room, "content": "hi"}) for _ in range(3)
+        ]
         assert all(a["ok"] for a in acks)
         limited = await second.call("send_message", {"roomId": room, "content": "hi"})
         assert (limited["ok"], limited["code"]) == (False, "RATE_LIMITED")
@@ -175,7 +177,9 @@ async def test_resent_request_id_replays_same_generation(
     room, rid = new_id("room"), new_id("req")
     async with connected(bridge.url, new_id("user")) as client:
         for _ in range(2):
-            ack = await client.call("send_message", {"roomId": room, "content": "hi", "requestId": rid})
+            ack = await client.call(
+                "send_message", {"roomId": room, "content": "hi", "requestId": rid}
+            )
             assert ack["ok"] and ack["requestId"] == rid
         await client.wait_for("message_ack", 2)
     assert [b.body["requestId"] for b in fake.calls("POST", "/chat/messages/stream") if b.body] == [
@@ -183,3 +187,23 @@ async def test_resent_request_id_replays_same_generation(
         rid,
     ]
     assert len(client.named("ai_message_end")) == 2
+
+
+async def test_logs_carry_request_fields_but_never_content_or_tokens(
+    bridge: RunningBridge, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret = "SECRET-CONTENT-7c1f"
+    user_token = token("log-user")
+    client = Client()
+    await client.connect(bridge.url, auth={"token": user_token})
+    try:
+        room = new_id("room")
+        await client.call("send_message", {"roomId": room, "content": secret})
+        await client.wait_for("message_ack")
+    finally:
+        await client.close()
+    out = capsys.readouterr()
+    logged = out.out + out.err
+    assert "request_done" in logged and room in logged and "log-user" in logged
+    assert secret not in logged and user_token not in logged
+    assert "Hello" not in logged  # the reply's text neither

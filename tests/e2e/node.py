@@ -37,7 +37,9 @@ def run_scenario(scenario: dict[str, Any], timeout_s: float = 60.0) -> list[dict
     )
     Path(fh.name).unlink(missing_ok=True)
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert proc.returncode == 0, f"scenario failed ({proc.returncode}): {records[-5:]}\n{proc.stderr}"
+    assert proc.returncode == 0, (
+        f"scenario failed ({proc.returncode}): {records[-5:]}\n{proc.stderr}"
+    )
     return records
 
 

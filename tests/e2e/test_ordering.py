@@ -76,7 +76,9 @@ def test_ordering_contract_for_sender_and_second_socket(bridge_url: str) -> None
                 {"do": "emit", "socket": "a", "event": "join_room", "args": [{"roomId": room}]},
                 {"do": "emit", "socket": "b", "event": "join_room", "args": [{"roomId": room}]},
                 {
-                    "do": "emit", "socket": "a", "event": "send_message",
+                    "do": "emit",
+                    "socket": "a",
+                    "event": "send_message",
                     "args": [{"roomId": room, "content": "hello", "requestId": rid}],
                 },
                 {"do": "waitFor", "socket": "a", "event": "message_ack"},
@@ -112,13 +114,20 @@ def test_join_while_in_flight_replays_then_follows_live(bridge_url: str) -> None
                 {"do": "connect", "socket": "a"},
                 {"do": "connect", "socket": "late"},
                 {
-                    "do": "emit", "socket": "a", "event": "send_message",
-                    "args": [{"roomId": room, "content": "[[tps=25]] [[tokens=40]]", "requestId": rid}],
+                    "do": "emit",
+                    "socket": "a",
+                    "event": "send_message",
+                    "args": [
+                        {"roomId": room, "content": "[[tps=25]] [[tokens=40]]", "requestId": rid}
+                    ],
                 },
                 {"do": "waitFor", "socket": "a", "event": "ai_message_chunk", "count": 3},
                 {
-                    "do": "emit", "socket": "late", "event": "join_room",
-                    "args": [{"roomId": room}], "label": "late-join",
+                    "do": "emit",
+                    "socket": "late",
+                    "event": "join_room",
+                    "args": [{"roomId": room}],
+                    "label": "late-join",
                 },
                 {"do": "waitFor", "socket": "late", "event": "ai_message_end"},
                 {"do": "waitFor", "socket": "a", "event": "message_ack"},
@@ -145,7 +154,9 @@ def test_complete_path_when_streaming_is_off_for_the_user(bridge_url: str) -> No
             "steps": [
                 {"do": "connect", "socket": "a"},
                 {
-                    "do": "emit", "socket": "a", "event": "send_message",
+                    "do": "emit",
+                    "socket": "a",
+                    "event": "send_message",
                     "args": [{"roomId": room, "content": "hi", "requestId": rid}],
                 },
                 {"do": "waitFor", "socket": "a", "event": "message_ack"},
@@ -158,7 +169,11 @@ def test_complete_path_when_streaming_is_off_for_the_user(bridge_url: str) -> No
     assert (ack["path"], ack["messageId"]) == ("complete", None)
     assert user["message"]["role"] == "user" and reply["message"]["role"] == "assistant"
     assert reply["message"]["content"]
-    assert (done["ok"], done["path"], done["messageId"]) == (True, "complete", reply["message"]["id"])
+    assert (done["ok"], done["path"], done["messageId"]) == (
+        True,
+        "complete",
+        reply["message"]["id"],
+    )
 
 
 def test_refused_connection_gets_connect_error_unauthorized(bridge_url: str) -> None:

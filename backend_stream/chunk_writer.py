@@ -1,0 +1,91 @@
+"""Writes flushed chunks to their Redis Streams in batches: one pipeline per batch, one writer.
+
+Every generation of the process hands its chunks here instead of awaiting its own XADD: while
+one batch is on the wire the next one gathers, so under load many chunks share one round trip
+and the per-command cost of the client is paid once per batch (issue 2's benchmark: the client
+library, not Redis, was the hot path). With one stream idle a chunk still goes out at once.
+
+Order per stream is kept (one FIFO, one writer). A generation awaits ``flushed`` for its last
+chunk before it writes its terminal entry on another connection, so the terminal entry is
+never ahead of a chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+log = structlog.get_logger("backend_stream.chunk_writer")
+
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    stream: str
+    entry_id: str
+    chunk: str
+    expire_s: int | None  # set on a stream's first entry
+
+
+class ChunkWriter:
+    """One background task sending what was queued since its last batch, as one pipeline."""
+
+    def __init__(self, redis: Redis, on_batch: Callable[[], None] | None = None) -> None:
+        self._redis = redis
+        self._on_batch = on_batch
+        self._pending: list[_Write] = []
+        self._done: asyncio.Future[None] | None = None  # completes with the pending batch
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.batches = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def write(
+        self, stream: str, entry_id: str, chunk: str, expire_s: int | None = None
+    ) -> asyncio.Future[None]:
+        """Queue one XADD; the future completes when its batch is in Redis (or failed)."""
+        if self._done is None:
+            self._done = asyncio.get_running_loop().create_future()
+        self._pending.append(_Write(stream, entry_id, chunk, expire_s))
+        self._wakeup.set()
+        return self._done
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            batch, self._pending = self._pending, []
+            done, self._done = self._done, None
+            if batch and done is not None:
+                await self._send(batch, done)
+
+    async def _send(self, batch: list[_Write], done: asyncio.Future[None]) -> None:
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for w in batch:
+                    pipe.xadd(w.stream, {"t": "c", "d": w.chunk}, id=w.entry_id)
+                    if w.expire_s is not None:
+                        pipe.expire(w.stream, w.expire_s)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            log.warning("chunk_write_failed", error=type(exc).__name__, chunks=len(batch))
+            done.set_exception(exc)
+            done.exception()  # retrieved here: only the generations that wait on it care
+            return
+        self.batches += 1
+        if self._on_batch is not None:
+            self._on_batch()
+        done.set_result(None)

@@ -1,0 +1,64 @@
+"""Every payload the bridge builds by hand validates against the contract models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bridge import payloads
+from contracts import (
+    AiMessageChunk,
+    AiMessageEnd,
+    AiMessageError,
+    AiMessageStart,
+    BackendLatency,
+    ErrorAck,
+    ErrorCode,
+    FinishReason,
+    JoinRoomAck,
+    MessageAck,
+    NewMessage,
+    Path,
+    SendAccepted,
+    SendRejected,
+    StreamEnd,
+    parse,
+)
+
+
+def test_builders_match_the_contract_models() -> None:
+    end_body = StreamEnd(message_id="m", content="hi", finish_reason=FinishReason.STOP)
+    timing = payloads.latency(
+        accepted_ms=1.0, first_chunk_ms=2.0, total_ms=3.0, backend=BackendLatency(total_ms=1.0)
+    )
+    cases = [
+        (SendAccepted, payloads.accepted("r", "room", None, Path.FALLBACK)),
+        (SendRejected, payloads.rejected(None, ErrorCode.EMPTY_MESSAGE, "x")),
+        (ErrorAck, payloads.error_ack(ErrorCode.FORBIDDEN, "x")),
+        (JoinRoomAck, payloads.join_ack("room", ["r"])),
+        (AiMessageStart, payloads.start("r", "room", "m")),
+        (AiMessageChunk, payloads.chunk("r", "room", "m", 3, "tok")),
+        (AiMessageEnd, payloads.end("r", "room", end_body, timing)),
+        (AiMessageError, payloads.error("r", "room", None, ErrorCode.STREAM_TIMEOUT, "x")),
+        (MessageAck, payloads.message_ack("r", "room", "m", ok=True, path=Path.STREAM)),
+        (
+            NewMessage,
+            payloads.new_message(
+                room_id="room",
+                message_id="u",
+                request_id="r",
+                role="user",
+                content="c",
+                user_id="u1",
+                character_id=None,
+            ),
+        ),  # fmt: skip
+    ]
+    model: Any
+    for model, built in cases:
+        assert parse(model, built).wire() == built, model.__name__
+
+
+def test_fallback_is_stream_in_the_ack_and_retryable_follows_the_code() -> None:
+    assert payloads.accepted("r", "room", None, Path.FALLBACK)["path"] == "stream"
+    assert payloads.error("r", "x", None, ErrorCode.MODEL_ERROR, "m")["retryable"] is True
+    assert payloads.error("r", "x", None, ErrorCode.FORBIDDEN, "m")["retryable"] is False
