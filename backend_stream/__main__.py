@@ -7,6 +7,7 @@ The only module that reads ``os.environ``. Without ``REDIS_URL`` it starts a pri
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import sys
@@ -23,6 +24,9 @@ from contracts.redis_server import EmbeddedRedis
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8100
+# Young-generation GC threshold (CPython's default is 700). Every request and chunk allocates
+# coroutines, dicts and futures; at the default the collector ran ~10 % of the CPU at 100 streams.
+GC_GEN0_THRESHOLD = 50_000
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -34,6 +38,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(0)
+
+
+def _tune_gc() -> None:
+    """Move what startup built (modules, FastAPI's routes, pydantic schemas) out of the
+    collector's sight, and collect the young generation less often."""
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -62,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             access_log=False,
             timeout_graceful_shutdown=5,
         )
+        _tune_gc()
         uvicorn.Server(config).run()
     finally:
         if embedded is not None:

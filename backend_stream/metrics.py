@@ -42,6 +42,21 @@ class Metrics:
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
+        # Label children of the per-request counters, kept: ``labels()`` takes a lock and
+        # builds a key on every call.
+        self._children: dict[tuple[str, str], Counter] = {}
+
+    def count_model_call(self, provider: str) -> None:
+        self._child(self.model_calls, "model_calls", provider).inc()
+
+    def count_generation(self, finish: str) -> None:
+        self._child(self.generations, "generations", finish).inc()
+
+    def _child(self, metric: Counter, name: str, value: str) -> Counter:
+        child = self._children.get((name, value))
+        if child is None:
+            child = self._children[(name, value)] = metric.labels(value)
+        return child
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -11,14 +11,14 @@ from __future__ import annotations
 import hmac
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Annotated
 
 import orjson
 import structlog
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from redis.exceptions import RedisError
 
 from backend_stream.app import Services
@@ -27,6 +27,7 @@ from backend_stream.generation import Event, payload_event
 from backend_stream.listeners import is_ping
 from backend_stream.logs import bind_request
 from backend_stream.registry import Attachment
+from backend_stream.sse import SseResponse
 from backend_stream.store import GenKey, GenState
 from contracts import (
     CancelResponse,
@@ -59,7 +60,10 @@ def services(request: Request) -> Services:
     return found
 
 
-def require_token(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
+async def require_token(
+    request: Request, authorization: Annotated[str | None, Header()] = None
+) -> None:
+    """``async`` so FastAPI runs it inline: a plain ``def`` dependency costs a thread hop."""
     expected = services(request).settings.backend_token
     scheme, _, token = (authorization or "").partition(" ")
     valid = scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), expected.encode())
@@ -268,7 +272,7 @@ async def _wait_terminal(svc: Services, att: Attachment, received_at: float) -> 
 def _sse(svc: Services, att: Attachment, *, after_seq: int, received_at: float) -> Response:
     events = svc.feed.events(att, after_seq=after_seq, received_at=received_at)
 
-    async def body() -> AsyncIterator[bytes]:
+    async def body() -> AsyncGenerator[bytes, None]:
         svc.metrics.active_streams.inc()
         try:
             async for event in events:
@@ -283,4 +287,4 @@ def _sse(svc: Services, att: Attachment, *, after_seq: int, received_at: float) 
             svc.metrics.active_streams.dec()
             await events.aclose()
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
+    return SseResponse(body(), headers=SSE_HEADERS)

@@ -191,7 +191,7 @@ class GenerationRunner:
             max_output_tokens=s.max_output_tokens,
         )
         run.prompt_built = time.monotonic()
-        self._metrics.model_calls.labels(self._provider.name).inc()
+        self._metrics.count_model_call(self._provider.name)
         tokens = await self._open(request)
         run.gen.mark_opened()
         try:
@@ -321,7 +321,7 @@ class GenerationRunner:
             raise Superseded("another replica took this generation over")
         gen.publish_terminal(payload_event(SseEvent.END, payload))
         # Post-processing: after `end` is out, never on the path to the first chunk.
-        self._metrics.generations.labels(run.finish.value).inc()
+        self._metrics.count_generation(run.finish.value)
         log.info(
             "generation_end",
             finishReason=run.finish.value,
@@ -373,6 +373,6 @@ class GenerationRunner:
         except (RedisError, OSError):
             log.warning("generation_fail_not_stored", code=code.value)
         gen.publish_terminal(payload_event(SseEvent.ERROR, payload, retry_after_s))
-        self._metrics.generations.labels(FinishReason.ERROR.value).inc()
+        self._metrics.count_generation(FinishReason.ERROR.value)
         self._metrics.errors.labels(code.value).inc()
         log.warning("generation_failed", code=code.value, chunks=len(gen.chunks), reason=message)

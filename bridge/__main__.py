@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -29,6 +30,18 @@ from bridge.settings import DEV_JWT_SECRET, Settings, SettingsError
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 COMMANDS = ("flags", "stack", "token", "client")
+
+
+def _exit_on_sigterm() -> None:
+    """uvicorn handles SIGTERM / SIGINT itself, then restores this handler and re-raises the signal
+    once it has shut down: make that a clean ``SystemExit(0)`` so every ``finally`` (the
+    bridge's own shutdown, the stack's backend and Redis) still runs."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -53,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default=DEFAULT_HOST)
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parsed = parser.parse_args(rest)
+    _exit_on_sigterm()
     if command == "stack":
         from bridge.stack import run_stack
 

@@ -47,6 +47,7 @@ M = TypeVar("M", bound=WireModel)
 log = structlog.get_logger("bridge.handlers")
 
 MAX_FOLLOWERS_PER_SOCKET = 16
+MAX_ROOMS_PER_SOCKET = 64
 
 
 def traceparent() -> str:
@@ -153,6 +154,9 @@ class ChatHandlers:
         ack({"ok": True})
 
     async def _enter(self, sid: str, ident: Identity, room_id: str) -> None:
+        if not self.server.in_room(sid, room_id):
+            if len(self.server.rooms_of(sid)) >= MAX_ROOMS_PER_SOCKET:
+                raise PayloadError(ErrorCode.RATE_LIMITED, "too many rooms on one connection")
         # Presence is written (by join) before in-flight generations are read and before the
         # room's first event (relay): whichever side writes last sees the other.
         if not await self._rooms.join(room_id, ident.user_id):

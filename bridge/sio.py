@@ -83,7 +83,8 @@ class _Server(socketio.AsyncServer):  # type: ignore[misc]
     async def _handle_event_internal(
         self, server: Any, sid: str, eio_sid: str, data: list[Any], namespace: Any, id: Any
     ) -> None:
-        handler = self.owner.handler_for(data[0] if data else None, namespace)
+        event = data[0] if isinstance(data, list) and data else None
+        handler = self.owner.handler_for(event, namespace)
         if handler is None:
             await super()._handle_event_internal(server, sid, eio_sid, data, namespace, id)
             return

@@ -11,7 +11,10 @@ Columns: p50/p95/max overhead; Redis commands per chunk (``xadd/chk``, ``cmds/ch
 commandstats deltas, all commands including the per-generation claim script and terminal
 script); ``rtt/chk``: pipelines that carried chunks per chunk (from the backend's /metrics; chunks
 of concurrent generations share a pipeline, so it drops below 1 under load; each generation
-adds two fixed round trips: the claim script and the terminal script); server CPU %.
+adds two fixed round trips: the claim script and the terminal script); server CPU %;
+``cpu ms/req`` and ``cpu us/chk``: the backend process's CPU time (psutil, user + system) over the
+level divided by the generations it ran and by the chunks it flushed (the same CPU, split two
+ways: run two ``--tokens`` values to separate the per-request and per-chunk parts).
 
 Client: ``--client raw`` (default) is a minimal asyncio HTTP/1.1 reader that only looks for
 ``event: chunk`` in the bytes; ``--client httpx`` uses httpx + httpx-sse. Do not trust httpx
@@ -62,6 +65,7 @@ class Level:
     server_cpu_s: float = 0.0
     chunk_batches: float = 0.0
     server_chunks: float = 0.0  # every chunk of the level, the ramp's too
+    server_generations: float = 0.0  # every generation of the level, the ramp's too
 
 
 def percentile(values: list[float], pct: float) -> float:
@@ -97,12 +101,15 @@ def start_backend(redis_url: str, port: int, args: argparse.Namespace) -> subpro
 
 
 def server_counters(base_url: str) -> dict[str, float]:
-    """``backend_chunks_total`` and ``backend_chunk_batches_total`` from /metrics."""
-    found = {}
+    """Chunks, chunk batches and generations (all finish reasons) from /metrics."""
+    found: dict[str, float] = {}
     for line in httpx.get(f"{base_url}/metrics", timeout=10).text.splitlines():
-        name, _, value = line.partition(" ")
+        name, _, value = line.rpartition(" ")
+        name = name.split("{", 1)[0]
         if name in {"backend_chunks_total", "backend_chunk_batches_total"}:
             found[name] = float(value)
+        elif name == "backend_generations_total":
+            found[name] = found.get(name, 0.0) + float(value)
     return found
 
 
@@ -223,7 +230,9 @@ def report(level: Level, before: dict[str, int], after: dict[str, int]) -> str:
         f"{max(level.overheads_ms, default=float('nan')):>9.2f} {level.chunks:>7} "
         f"{xadd / chunks:>10.2f} {total / chunks:>10.2f} {level.chunk_batches / chunks:>9.2f} "
         f"{level.wall_s:>7.2f} "
-        f"{100 * level.server_cpu_s / max(level.wall_s, 1e-9):>5.0f}"
+        f"{100 * level.server_cpu_s / max(level.wall_s, 1e-9):>5.0f} "
+        f"{1000 * level.server_cpu_s / max(level.server_generations, 1):>10.2f} "
+        f"{1e6 * level.server_cpu_s / chunks:>9.0f}"
     )
 
 
@@ -246,7 +255,7 @@ async def bench(args: argparse.Namespace) -> None:
             print(
                 f"{'streams':>7} {'ok':>5} {'errors':>6} {'p50 ms':>9} {'p95 ms':>9} {'max ms':>9} "
                 f"{'chunks':>7} {'xadd/chk':>10} {'cmds/chk':>10} {'rtt/chk':>9} {'wall s':>7} "
-                f"{'cpu%':>5}",
+                f"{'cpu%':>5} {'cpu ms/req':>10} {'cpu us/chk':>9}",
                 flush=True,
             )
             for streams in args.streams:
@@ -256,10 +265,14 @@ async def bench(args: argparse.Namespace) -> None:
                 level = await run_level(base_url, streams, args)
                 level.server_cpu_s = sum(server.cpu_times()[:2]) - cpu_before
                 counters = server_counters(base_url)
-                for name in ("chunk_batches", "chunks"):
+                for name, attr in (
+                    ("chunk_batches", "chunk_batches"),
+                    ("chunks", "server_chunks"),
+                    ("generations", "server_generations"),
+                ):
                     metric = f"backend_{name}_total"
                     delta = counters.get(metric, 0) - counters_before.get(metric, 0)
-                    setattr(level, "server_chunks" if name == "chunks" else name, delta)
+                    setattr(level, attr, delta)
                 print(report(level, before, command_counts(stats)), flush=True)
         finally:
             stats.close()

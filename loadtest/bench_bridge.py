@@ -216,9 +216,10 @@ async def _bridged_one(socket: SioSocket, room: str, content: str) -> tuple[floa
             chunks += 1
             if ttft is None:
                 ttft = (time.perf_counter() - sent) * 1000.0
-        elif frame.startswith('42["message_ack"') or frame.startswith("43"):
-            if frame.startswith('42["message_ack"') or '"ok":false' in frame:
-                return ttft, chunks
+        elif frame.startswith('42["message_ack"'):
+            return ttft, chunks
+        elif frame.startswith("43") and '"ok":false' in frame:
+            return ttft, chunks  # rejected
 
 
 async def _connect_all(bridge_url: str, n: int) -> list[SioSocket]:

@@ -207,3 +207,23 @@ async def test_logs_carry_request_fields_but_never_content_or_tokens(
     assert "request_done" in logged and room in logged and "log-user" in logged
     assert secret not in logged and user_token not in logged
     assert "Hello" not in logged  # the reply's text neither
+
+
+async def test_rooms_per_connection_are_capped(bridge: RunningBridge) -> None:
+    from bridge.handlers import MAX_ROOMS_PER_SOCKET
+
+    async with connected(bridge.url, new_id("user")) as client:
+        for _ in range(MAX_ROOMS_PER_SOCKET):
+            assert (await client.call("join_room", {"roomId": new_id("room")}))["ok"] is True
+        refused = await client.call("join_room", {"roomId": new_id("room")})
+        assert (refused["ok"], refused["code"]) == (False, "RATE_LIMITED")
+
+
+async def test_malformed_socketio_packets_do_not_break_the_connection(
+    bridge: RunningBridge,
+) -> None:
+    async with connected(bridge.url, new_id("user")) as client:
+        ws = client.sio.eio
+        for raw in ('42{"not":"a list"}', "42[]", "42[1,2]", "42garbage", "49", "4"):
+            await ws.send(raw)
+        assert (await client.call("join_room", {"roomId": new_id("room")}))["ok"] is True

@@ -86,8 +86,16 @@ async function run(step) {
         socket.emit(step.event, ...args);
         return;
       }
-      const ack = await socket.timeout(timeoutMs).emitWithAck(step.event, ...args);
-      out({ socket: step.socket, kind: "ack", event: step.event, label: step.label, data: ack });
+      // The ack is printed from the callback itself (called while the packet is processed),
+      // not after an awaited promise: events that arrive in the same read would otherwise be
+      // printed before it and the recorded order would not be the arrival order.
+      await new Promise((resolve, reject) => {
+        socket.timeout(timeoutMs).emit(step.event, ...args, (err, ack) => {
+          if (err) return reject(err);
+          out({ socket: step.socket, kind: "ack", event: step.event, label: step.label, data: ack });
+          resolve();
+        });
+      });
       return;
     }
     case "waitFor":

@@ -1,0 +1,81 @@
+"""``python -m bridge stack``: everything on embedded defaults, READY line, clean stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from contracts.redis_server import free_port
+from tests.bridge.harness import Client, new_id
+
+READY_TIMEOUT_S = 60.0
+
+
+@pytest.fixture
+def stack() -> Iterator[tuple[subprocess.Popen[str], dict[str, Any]]]:
+    port = free_port()
+    env = {**os.environ, "SCRIPTED_TTFT_MS": "20", "SCRIPTED_TOKENS_PER_S": "400"}
+    env.pop("REDIS_URL", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bridge", "stack", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        info = _read_ready(proc)
+        yield proc, info
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def _read_ready(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"stack exited before READY ({proc.poll()})")
+        if line.startswith("READY "):
+            info: dict[str, Any] = json.loads(line[len("READY ") :])
+            return info
+    raise AssertionError("no READY line")
+
+
+async def test_stack_serves_a_stream_and_stops_everything_on_sigterm(
+    stack: tuple[subprocess.Popen[str], dict[str, Any]],
+) -> None:
+    proc, info = stack
+    assert set(info) >= {"bridgeUrl", "backendUrl", "redisUrl", "jwtSecret", "token"}
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(f"{info['bridgeUrl']}/healthz")).status_code == 200
+        assert (await http.get(f"{info['bridgeUrl']}/readyz")).json()["ready"] is True
+        assert "bridge_connected_sockets" in (await http.get(f"{info['bridgeUrl']}/metrics")).text
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert children, "backend and redis run as children"
+    client = Client()
+    await client.connect(info["bridgeUrl"], auth={"token": info["token"]})
+    try:
+        ack = await client.call("send_message", {"roomId": new_id("room"), "content": "hi"})
+        assert ack["ok"] is True
+        await client.wait_for("message_ack")
+    finally:
+        await client.close()
+    assert client.named("message_ack")[0]["ok"] is True
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, alive
