@@ -28,7 +28,7 @@ setup_python() {
         "$PY" -m pip install -q --disable-pip-version-check --upgrade pip 2>/dev/null || true
         "$PY" -m pip install -q --disable-pip-version-check -e ".[dev]" 2>&1 \
             | grep -v '^WARNING: Location' || true
-        "$PY" -c "import socketio, fastapi, httpx_sse, redis, openai, jwt, hdrh" \
+        "$PY" -c "import socketio, fastapi, httpx_sse, redis, openai, jwt, orjson, hiredis" \
             || { log "Python packages did not install"; exit 1; }
         touch "$stamp"
     fi

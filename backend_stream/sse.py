@@ -36,7 +36,7 @@ class SseResponse(Response):
         assert task is not None
         watch = _DisconnectWatch(task)
         watcher = asyncio.create_task(_wait_for_disconnect(receive))
-        pass
+        watcher.add_done_callback(watch.on_done)
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             async for frame in self.frames:
