@@ -51,6 +51,11 @@ setup_node() {
     fi
 }
 
+setup_chromium() {
+    # The page test drives Debian's Chromium through playwright-core (no browser download).
+    command -v chromium >/dev/null || apt_install chromium
+}
+
 cmd_up() {
     setup_python
     setup_redis
@@ -61,6 +66,7 @@ cmd_test() {
     setup_python
     setup_redis
     setup_node
+    setup_chromium
     log "ruff"
     "$VENV/bin/ruff" check .
     "$VENV/bin/ruff" format --check .
