@@ -28,7 +28,7 @@ setup_python() {
         "$PY" -m pip install -q --disable-pip-version-check --upgrade pip 2>/dev/null || true
         "$PY" -m pip install -q --disable-pip-version-check -e ".[dev]" 2>&1 \
             | grep -v '^WARNING: Location' || true
-        "$PY" -c "import socketio, fastapi, httpx_sse, redis, openai, jwt, orjson, hiredis" \
+        "$PY" -c "import socketio, fastapi, httpx_sse, httpx_aiohttp, redis, openai, jwt, orjson, hiredis" \
             || { log "Python packages did not install"; exit 1; }
         touch "$stamp"
     fi
@@ -53,7 +53,7 @@ setup_node() {
 
 setup_chromium() {
     # The page test drives Debian's Chromium through playwright-core (no browser download).
-    command -v chromium >/dev/null || apt_install chromium
+    command -v chromium >/dev/null || apt_install chromium fonts-nanum
 }
 
 cmd_up() {

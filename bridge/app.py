@@ -1,7 +1,8 @@
 """Composition of one bridge process: Redis, upstream pool, flags, rooms, Socket.IO, probes.
 
 ``Bridge.serve`` runs the ASGI app under uvicorn (uvloop, httptools, websockets) with
-``/socket.io`` for clients and ``/healthz``, ``/readyz``, ``/metrics`` for probes and scrapers.
+``/socket.io`` for clients, the try-it page at ``/`` (bridge/page.py) and ``/healthz``,
+``/readyz``, ``/metrics`` for probes and scrapers.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from bridge.errors import StoreError
 from bridge.flags import FlagStore
 from bridge.handlers import ChatHandlers
 from bridge.metrics import Metrics
+from bridge.page import PageApp
 from bridge.rooms import RoomRegistry
 from bridge.settings import Settings
 from bridge.sio import SocketServer
@@ -143,7 +145,7 @@ class Bridge:
                 log.warning("heartbeat_failed")
 
     def asgi(self) -> Any:
-        return self.server.asgi_app(self._probe_app)
+        return self.server.asgi_app(PageApp(self._probe_app))
 
     async def _probe_app(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import aiohttp
 import httpx
 import httpx_sse
 
@@ -105,7 +106,8 @@ def code_for_status(status: int) -> ErrorCode:
 
 @contextmanager
 def translating(what: str) -> Iterator[None]:
-    """Map httpx / httpx-sse / asyncio errors raised inside into the tree, most specific first.
+    """Map httpx / httpx-sse / aiohttp / asyncio errors raised inside into the tree, most
+    specific first.
 
     ``httpx_sse.SSEError`` is a ``TransportError``, so it is caught before the transport errors.
     Messages name the operation only: a URL or a body never reaches a log line or a client.
@@ -126,6 +128,8 @@ def translating(what: str) -> Iterator[None]:
         raise UpstreamDisconnected(f"{what}: connection lost") from None
     except httpx.HTTPError:
         raise UpstreamConnectError(f"{what}: transport error") from None
+    except aiohttp.ClientError:  # what httpx-aiohttp's transport does not map to httpx's tree
+        raise UpstreamDisconnected(f"{what}: connection lost") from None
     except (ValueError, KeyError, TypeError):
         raise UpstreamProtocolError(f"{what}: malformed reply") from None
 

@@ -48,6 +48,7 @@ log = structlog.get_logger("bridge.handlers")
 
 MAX_FOLLOWERS_PER_SOCKET = 16
 MAX_ROOMS_PER_SOCKET = 64
+STORE_BUSY = "room state unavailable, try again"
 
 
 def traceparent() -> str:
@@ -136,7 +137,7 @@ class ChatHandlers:
         except PayloadError as exc:
             return self._refuse(ack, exc.code, exc.message)
         except StoreError:
-            return self._refuse(ack, ErrorCode.INTERNAL, "room state unavailable")
+            return self._refuse(ack, ErrorCode.BACKEND_UNAVAILABLE, STORE_BUSY)
         ack(payloads.join_ack(msg.room_id, [item.request_id for item in in_flight]))
         for item in in_flight:
             self._replay(sid, msg.room_id, item)
@@ -212,7 +213,8 @@ class ChatHandlers:
         except PayloadError as exc:
             return self._reject(ack, request_id, exc.code, exc.message)
         except StoreError:
-            return self._reject(ack, request_id, ErrorCode.INTERNAL, "room state unavailable")
+            # Redis down or its pool exhausted under load: an expected, retryable condition.
+            return self._reject(ack, request_id, ErrorCode.BACKEND_UNAVAILABLE, STORE_BUSY)
         request = ChatRequest(
             request_id=request_id, room_id=msg.room_id, user_id=ident.user_id,
             content=msg.content, character_id=msg.character_id,
@@ -264,6 +266,7 @@ class ChatHandlers:
         if not sink.terminal_sent:
             err = payloads.error(rid, room_id, relay.message_id, ErrorCode.INTERNAL, "internal")
             await sink.room("ai_message_error", err)
+        if not sink.done_sent:  # after a terminal event the sender always gets message_ack
             sink.sender(
                 "message_ack",
                 payloads.message_ack(

@@ -120,7 +120,13 @@ class Relay:
     async def run(self) -> Outcome:
         """Drive the generation to exactly one terminal event; never raises an UpstreamError."""
         try:
-            stream = await self._upstream.open_stream(self.job.request, self.job.traceparent)
+            # Bounded from the receipt of send_message, not from here: the ack waits on this
+            # (plus whatever the handler's Redis round trips took under load); past the budget
+            # the fallback is sent and acked instead (issue 3: acks later than 10 s).
+            async with asyncio.timeout(self._open_budget_s()):
+                stream = await self._upstream.open_stream(self.job.request, self.job.traceparent)
+        except TimeoutError:
+            return await self._fallback(UpstreamTimeout("open stream: timed out"), "open_failed")
         except UpstreamHttpError as exc:
             if exc.refused:
                 return self._reject(exc.code, exc.message)
@@ -146,18 +152,23 @@ class Relay:
 
     async def _pump(self, stream: UpstreamStream) -> Outcome:
         loop = asyncio.get_running_loop()
+        end: StreamEnd | None = None
         try:
             async with asyncio.timeout_at(loop.time() + self._wait_s()) as timer:
                 async for event in stream.events():
-                    outcome = await self._handle(event)
-                    if outcome is not None:
-                        return outcome
+                    end = await self._handle(event)
+                    if end is not None:
+                        break
                     timer.reschedule(loop.time() + self._wait_s())
         except TimeoutError:
             raise UpstreamTimeout("no event within the wait") from None
-        raise UpstreamDisconnected("stream ended early")
+        if end is None:
+            raise UpstreamDisconnected("stream ended early")
+        # Outside the wait: the terminal event and the sender's message_ack are not waits on
+        # the backend, and a timer firing between them left a terminal without its message_ack.
+        return await self._end(end)
 
-    async def _handle(self, event: UpstreamEvent) -> Outcome | None:
+    async def _handle(self, event: UpstreamEvent) -> StreamEnd | None:
         if type(event) is Chunk:
             if event.seq < len(self.parts):
                 self._duplicates += 1
@@ -170,11 +181,15 @@ class Relay:
         elif type(event) is End:
             if not self.started:
                 raise UpstreamProtocolError("end before start")
-            return await self._end(event.body)
+            return event.body
         elif type(event) is Failed:
             body = event.body
             raise UpstreamFailed(body.code, body.message, retryable=body.retryable)
         return None
+
+    def _open_budget_s(self) -> float:
+        budget = self._timeouts.connect_s + self._timeouts.first_event_s
+        return max(0.0, min(self.job.received_at + budget, self._deadline) - self._clock())
 
     def _wait_s(self) -> float:
         if not self.started:

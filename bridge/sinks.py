@@ -21,7 +21,7 @@ import structlog
 
 from bridge import payloads
 from bridge.errors import StoreError, UpstreamError, UpstreamHttpError
-from bridge.fanout import CHUNK, START
+from bridge.fanout import CHUNK, START, TERMINAL
 from bridge.payloads import Payload
 from bridge.rooms import InFlight, RoomRegistry
 from bridge.settings import Timeouts
@@ -30,6 +30,8 @@ from bridge.upstream import Chunk, End, Failed, Start, Upstream, UpstreamStream
 from contracts import ChatRequest, ErrorCode, Path
 
 log = structlog.get_logger("bridge.sinks")
+
+DONE = "message_ack"
 
 
 class RoomSink:
@@ -57,6 +59,7 @@ class RoomSink:
         self.acked = False
         self.began = False
         self.terminal_sent = False
+        self.done_sent = False
 
     def ack(self, payload: Payload) -> None:
         self.acked = True
@@ -77,14 +80,22 @@ class RoomSink:
     async def room(self, event: str, payload: Payload) -> None:
         room_id = self._request.room_id
         self._server.emit_local(room_id, event, payload)
-        if event in ("ai_message_end", "ai_message_error"):
+        if event in TERMINAL:
             self.terminal_sent = True
+            if self.remote:
+                # Not awaited: the relay's next step is the sender's message_ack, which must not
+                # wait on Redis (a slow publish under load left the terminal without its
+                # message_ack for seconds). Still the last publish of this generation: in order.
+                self._server.spawn(self._server.publish(room_id, event, payload))
+            return
         if not self.remote and time.monotonic() >= self._next_check:
             self._recheck()
         if self.remote:
             await self._server.publish(room_id, event, payload)
 
     def sender(self, event: str, payload: Payload) -> None:
+        if event == DONE:
+            self.done_sent = True
         self._server.emit_to(self._sid, event, payload)
 
     async def finish(self) -> None:

@@ -4,19 +4,27 @@ Embedded Redis, the backend as a child process (``python -m backend_stream``: th
 never import each other), the bridge in this process. Prints the URLs, a dev JWT and, once
 everything answers, one machine-readable line::
 
-    READY {"bridgeUrl": ..., "backendUrl": ..., "redisUrl": ..., "jwtSecret": ..., "token": ...}
+    READY {"bridgeUrl": ..., "backendUrl": ..., "redisUrl": ..., "jwtSecret": ..., "token": ...,
+           "pageUrl": ...}
 
-Ctrl-C / SIGTERM stops the bridge, then the backend, then Redis.
+``pageUrl`` opens the try-it page (bridge/page.py) already connected with the dev JWT.
+
+Ctrl-C / SIGTERM stops the bridge, then the backend, then Redis. The children are stopped with
+SIGINT / SIGTERM blocked: a second signal during that cleanup (a supervisor that repeats its
+SIGTERM, an impatient Ctrl-C) used to raise ``SystemExit`` in the middle of it and leave the
+backend or Redis running as orphans; it is delivered once the children are gone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import httpx
 
@@ -80,6 +88,7 @@ def run_stack(host: str, port: int, environ: Mapping[str, str]) -> int:
             "jwtSecret": secret,
             "token": make_token(secret, DEV_USER, roles=["internal"], ttl_s=86_400),
         }
+        info["pageUrl"] = f"{info['bridgeUrl']}/?token={info['token']}"  # JWTs are URL-safe
 
         async def announce() -> None:
             print(_banner(info), flush=True)
@@ -88,21 +97,34 @@ def run_stack(host: str, port: int, environ: Mapping[str, str]) -> int:
         asyncio.run(bridge.serve(host, port, on_ready=announce))
         return 0
     finally:
-        if backend is not None:
-            stop_process(backend)
-        redis.stop()
+        with _signals_deferred():
+            if backend is not None:
+                stop_process(backend)
+            redis.stop()
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT / SIGTERM until the block is done (then they are delivered as usual)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _banner(info: Mapping[str, str]) -> str:
     return "\n".join(
         [
             "chat stack is up",
+            f"  Try it: {info['pageUrl']}",
             f"  bridge   {info['bridgeUrl']}  (Socket.IO v4 at /socket.io; /healthz /metrics)",
             f"  backend  {info['backendUrl']}",
             f"  redis    {info['redisUrl']}",
             f"  dev JWT for user {DEV_USER!r} (24 h, signed with JWT_SECRET={info['jwtSecret']}):",
             f"    {info['token']}",
-            "  try it:",
+            "  or from a terminal:",
             f"    python -m bridge client --url {info['bridgeUrl']} --token <JWT> --room demo",
             "  more tokens: python -m bridge token <userId> [--roles internal,admin]",
             "  Ctrl-C stops everything.",

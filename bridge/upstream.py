@@ -6,20 +6,18 @@ Errors leave this module only as ``bridge.errors.UpstreamError`` subclasses (``t
 Hot path: a chunk event is decoded with ``json.loads`` and two type checks, not a pydantic
 model; the rare events (start, end, error, JSON replies) go through the contract models.
 
-The client's transport is ``ShardedTransport``: one httpx transport made of several
-independent connection pools used in turn. Do not "simplify" it back to one pool without
-measuring: httpcore 1.0's pool does O(connections^2) bookkeeping on every request and every
-response close (``_assign_requests_to_connections``), and with one SSE stream per connection a
-single pool of 1,000 connections spent most of the bridge's CPU there
-(loadtest/bench_bridge.py, ``is_idle`` called ~900 times per request at 40 streams).
+The client's transport is httpx-aiohttp's ``AiohttpTransport``: the httpx API and httpx-sse on
+top, aiohttp's C HTTP parser and connection pool below. Do not "simplify" it back to httpx's
+default transport without measuring (bridge/README.md "Benchmark"): httpcore + h11 parse every
+chunk in Python (most of the bridge's CPU per relayed chunk), and httpcore 1.0's pool does
+O(connections^2) bookkeeping on every request and response close, which the previous
+work-around (32 pools used in turn) only divided.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
-import math
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -27,6 +25,7 @@ from urllib.parse import quote
 
 import httpx
 import httpx_sse
+from httpx_aiohttp import AiohttpTransport
 
 from bridge.errors import (
     UpstreamDisconnected,
@@ -53,7 +52,6 @@ MAX_ERROR_BODY_BYTES = 4096
 # and a fresh TCP + HTTP setup per stream costs TTFT and CPU).
 DRAIN_TIMEOUT_S = 0.25
 MAX_DRAIN_EVENTS = 16
-DEFAULT_POOL_SHARDS = 32
 KEEPALIVE_EXPIRY_S = 30.0
 
 
@@ -176,30 +174,6 @@ class HttpUpstreamStream:
         await self._response.aclose()
 
 
-class ShardedTransport(httpx.AsyncBaseTransport):
-    """One transport over ``shards`` connection pools, picked round-robin per request."""
-
-    def __init__(self, *, shards: int, max_connections: int, keepalive_expiry_s: float) -> None:
-        per_shard = max(1, math.ceil(max_connections / shards))
-        limits = httpx.Limits(
-            max_connections=per_shard,
-            max_keepalive_connections=per_shard,
-            keepalive_expiry=keepalive_expiry_s,
-        )
-        ssl_context = httpx.create_ssl_context()  # one for all shards: each costs ~50 ms
-        self._shards = [
-            httpx.AsyncHTTPTransport(limits=limits, verify=ssl_context) for _ in range(shards)
-        ]
-        self._turn = itertools.cycle(self._shards)
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        return await next(self._turn).handle_async_request(request)
-
-    async def aclose(self) -> None:
-        for shard in self._shards:
-            await shard.aclose()
-
-
 class HttpUpstream:
     """``Upstream`` over HTTP/1.1 keep-alive; the pool is shared by every relay."""
 
@@ -210,16 +184,16 @@ class HttpUpstream:
         token: str,
         timeouts: Timeouts,
         max_connections: int,
-        pool_shards: int = DEFAULT_POOL_SHARDS,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._timeouts = timeouts
         if transport is None:
-            transport = ShardedTransport(
-                shards=pool_shards,
+            limits = httpx.Limits(
                 max_connections=max_connections,
-                keepalive_expiry_s=KEEPALIVE_EXPIRY_S,
+                max_keepalive_connections=max_connections,
+                keepalive_expiry=KEEPALIVE_EXPIRY_S,
             )
+            transport = AiohttpTransport(limits=limits)
         self._client = httpx.AsyncClient(
             base_url=base_url,
             headers={"Authorization": f"Bearer {token}"},

@@ -9,6 +9,8 @@ import jwt
 import pytest
 import socketio
 
+from contracts import RETRYABLE, ErrorCode
+from contracts.redis_server import EmbeddedRedis
 from tests.bridge.fake_backend import TOKEN, FakeBackend
 from tests.bridge.harness import (
     JWT_SECRET,
@@ -227,3 +229,25 @@ async def test_malformed_socketio_packets_do_not_break_the_connection(
         for raw in ('42{"not":"a list"}', "42[]", "42[1,2]", "42garbage", "49", "4"):
             await ws.send(raw)
         assert (await client.call("join_room", {"roomId": new_id("room")}))["ok"] is True
+
+
+async def test_send_message_with_redis_unavailable_is_rejected_retryable_not_internal(
+    fake: FakeBackend,
+) -> None:
+    """Regression (issue 3, overload): a Redis that cannot serve the room / rate-limit round
+    trips (down, or its pool exhausted under load) made ``send_message`` ack ``rejected`` with
+    ``INTERNAL``; it is an expected condition: ``BACKEND_UNAVAILABLE``, which is retryable."""
+    redis = EmbeddedRedis().start()
+    try:
+        async with running_bridge(redis.url, fake.url, TOKEN) as running:
+            async with connected(running.url, new_id("user")) as client:
+                redis.stop()
+                ack = await client.call(
+                    "send_message", {"roomId": new_id("room"), "content": "hi"}, wait_s=30
+                )
+                join = await client.call("join_room", {"roomId": new_id("room")}, wait_s=30)
+    finally:
+        redis.stop()
+    assert (ack["ok"], ack["stage"], ack["code"]) == (False, "rejected", "BACKEND_UNAVAILABLE")
+    assert ErrorCode.BACKEND_UNAVAILABLE in RETRYABLE
+    assert (join["ok"], join["code"]) == (False, "BACKEND_UNAVAILABLE")

@@ -15,7 +15,7 @@ NODE_MODULES = HERE / "node_modules"
 
 def ensure_node_modules() -> None:
     """``npm ci`` from the committed lock file when tests/e2e/node_modules is missing."""
-    if (NODE_MODULES / "socket.io-client").exists():
+    if all((NODE_MODULES / name).exists() for name in ("socket.io-client", "playwright-core")):
         return
     npm = shutil.which("npm")
     assert npm is not None, "npm is required for the e2e tests"

@@ -59,11 +59,14 @@ async def test_stack_serves_a_stream_and_stops_everything_on_sigterm(
     stack: tuple[subprocess.Popen[str], dict[str, Any]],
 ) -> None:
     proc, info = stack
-    assert set(info) >= {"bridgeUrl", "backendUrl", "redisUrl", "jwtSecret", "token"}
+    assert set(info) >= {"bridgeUrl", "backendUrl", "redisUrl", "jwtSecret", "token", "pageUrl"}
+    assert info["pageUrl"] == f"{info['bridgeUrl']}/?token={info['token']}"
     async with httpx.AsyncClient() as http:
         assert (await http.get(f"{info['bridgeUrl']}/healthz")).status_code == 200
         assert (await http.get(f"{info['bridgeUrl']}/readyz")).json()["ready"] is True
         assert "bridge_connected_sockets" in (await http.get(f"{info['bridgeUrl']}/metrics")).text
+        page = await http.get(info["pageUrl"])
+        assert page.status_code == 200 and "socket.io.min.js" in page.text
     children = psutil.Process(proc.pid).children(recursive=True)
     assert children, "backend and redis run as children"
     client = Client()
@@ -79,3 +82,44 @@ async def test_stack_serves_a_stream_and_stops_everything_on_sigterm(
     assert proc.wait(30) == 0
     gone, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, alive
+
+
+def test_stack_in_its_own_group_stops_its_children_even_on_a_repeated_sigterm() -> None:
+    """Regression (issue 3): ``python -m bridge stack`` left its backend child and embedded Redis
+    running after SIGTERM when a second SIGTERM (a supervisor repeating it) arrived while the
+    stack was stopping its children: ``SystemExit`` cut the cleanup short. The stack runs in
+    its own process group, as a supervisor starts it, and only the stack itself is signalled."""
+    port = free_port()
+    env = {**os.environ, "SCRIPTED_TTFT_MS": "20", "LOG_LEVEL": "INFO"}
+    env.pop("REDIS_URL", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bridge", "stack", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    children: list[psutil.Process] = []
+    try:
+        _read_ready(proc)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 2, children  # backend and Redis
+        proc.send_signal(signal.SIGTERM)
+        assert proc.stderr is not None
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        for line in proc.stderr:  # the backend says so once the stack has asked it to stop
+            if "Shutting down" in line or time.monotonic() > deadline:
+                break
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, alive
+    finally:
+        for child in children:
+            if child.is_running():
+                child.kill()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)

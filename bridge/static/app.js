@@ -1,0 +1,352 @@
+// The try-it page: the official Socket.IO client (window.io, socket.io.min.js) speaking
+// CONTRACT.md section 1 to the bridge that served this page. Plain JS, no build step.
+//
+// Every request is one "turn" (<li class="turn">) keyed by requestId: the user's message, the
+// assistant's reply and a meta line (path, TTFT, total). State for tests and styling lives in
+// data attributes: turn[data-state] pending|streaming|done|cancelled|error|rejected,
+// turn[data-path], .reply[data-chunk-renders], #status[data-state] / [data-code].
+"use strict";
+
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const els = {
+    connectForm: $("connect-form"), token: $("token"), room: $("room"),
+    connect: $("connect"), disconnect: $("disconnect"), status: $("status"),
+    chat: document.querySelector("main.chat"), log: $("log"), composer: $("composer"), message: $("message"),
+    send: $("send"), cancel: $("cancel"),
+  };
+  const turns = new Map(); // requestId -> turn
+  const seen = new Set(); // `${messageId}:${seq}`, de-duplication of replayed chunks
+  const mine = []; // requestIds sent from this page and not finished, oldest first
+  let socket = null;
+  let roomId = null;
+
+  const now = () => performance.now();
+  const ms = (value) => (value == null ? "–" : value < 1000 ? `${Math.round(value)} ms` : `${(value / 1000).toFixed(2)} s`);
+
+  function newRequestId() {
+    if (window.crypto && crypto.randomUUID) return `web-${crypto.randomUUID()}`;
+    const bytes = new Uint8Array(16);
+    crypto.getRandomValues(bytes);
+    return `web-${Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("")}`;
+  }
+
+  // The token's `sub`, for display only (the bridge verifies the token, the page does not).
+  function tokenUser(token) {
+    try {
+      const payload = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+      const json = new TextDecoder().decode(Uint8Array.from(atob(payload), (c) => c.charCodeAt(0)));
+      return `“${JSON.parse(json).sub}”`;
+    } catch {
+      return "the token's user";
+    }
+  }
+
+  function setStatus(state, text, code) {
+    els.status.dataset.state = state;
+    if (code) els.status.dataset.code = code;
+    else delete els.status.dataset.code;
+    els.status.textContent = text;
+  }
+
+  function setConnected(connected) {
+    els.disconnect.disabled = !(socket && (connected || socket.active));
+    els.message.disabled = !connected;
+    els.send.disabled = !connected;
+    updateCancel();
+  }
+
+  function updateCancel() {
+    els.cancel.disabled = !(socket && socket.connected && mine.length);
+  }
+
+  function scrollToEnd() {
+    els.chat.scrollTop = els.chat.scrollHeight;
+  }
+
+  function system(text, kind) {
+    const li = document.createElement("li");
+    li.className = `system ${kind || ""}`.trim();
+    li.textContent = text;
+    els.log.append(li);
+    scrollToEnd();
+  }
+
+  function bubble(role, label) {
+    const box = document.createElement("div");
+    box.className = `bubble ${role}`;
+    const who = document.createElement("span");
+    who.className = "who";
+    who.textContent = label;
+    const text = document.createElement("p");
+    text.className = "text";
+    box.append(who, text);
+    return { box, text };
+  }
+
+  // One turn per requestId: created when this page sends, or on the first event of a request
+  // sent elsewhere (another tab in the room).
+  function turnFor(requestId) {
+    let turn = turns.get(requestId);
+    if (turn) return turn;
+    const li = document.createElement("li");
+    li.className = "turn";
+    li.dataset.requestId = requestId;
+    li.dataset.state = "pending";
+    const user = bubble("user", "You");
+    const reply = bubble("assistant", "Assistant");
+    reply.box.hidden = true;
+    reply.text.classList.add("reply");
+    reply.text.dataset.chunkRenders = "0";
+    const meta = document.createElement("p");
+    meta.className = "meta";
+    li.append(user.box, reply.box, meta);
+    els.log.append(li);
+    turn = {
+      requestId, li, user, reply, meta, messageId: null, chunks: [], renders: 0,
+      sentAt: null, firstChunkAt: null, endedAt: null, path: null, note: "",
+    };
+    turns.set(requestId, turn);
+    return turn;
+  }
+
+  function renderMeta(turn) {
+    const parts = [];
+    if (turn.path) parts.push(`path ${turn.path}`);
+    if (turn.sentAt != null) {
+      parts.push(`TTFT ${turn.firstChunkAt == null ? "–" : ms(turn.firstChunkAt - turn.sentAt)}`);
+      parts.push(`total ${turn.endedAt == null ? "…" : ms(turn.endedAt - turn.sentAt)}`);
+    }
+    if (turn.chunks.length) parts.push(`${turn.chunks.length} chunks`);
+    if (turn.note) parts.push(turn.note);
+    turn.meta.textContent = parts.join(" · ");
+    if (turn.path) turn.li.dataset.path = turn.path;
+    if (turn.sentAt != null && turn.firstChunkAt != null) turn.li.dataset.ttftMs = String(Math.round(turn.firstChunkAt - turn.sentAt));
+    if (turn.sentAt != null && turn.endedAt != null) turn.li.dataset.totalMs = String(Math.round(turn.endedAt - turn.sentAt));
+  }
+
+  function setState(turn, state) {
+    turn.li.dataset.state = state;
+    if (["done", "cancelled", "error", "rejected"].includes(state)) {
+      if (turn.endedAt == null) turn.endedAt = now();
+    }
+    renderMeta(turn);
+  }
+
+  function finish(requestId) {
+    const index = mine.indexOf(requestId);
+    if (index >= 0) mine.splice(index, 1);
+    updateCancel();
+  }
+
+  function showReply(turn, text) {
+    turn.reply.box.hidden = false;
+    turn.reply.text.textContent = text;
+    scrollToEnd();
+  }
+
+  // ---- bridge -> client -------------------------------------------------------------------
+
+  function onNewMessage(data) {
+    const message = data && data.message;
+    if (!message || !message.requestId) return;
+    const turn = turnFor(message.requestId);
+    if (message.role === "user") {
+      turn.user.text.textContent = message.content;
+      turn.user.box.classList.remove("pending");
+      if (turn.li.dataset.state === "pending") setState(turn, "sent");
+    } else if (message.role === "assistant") {
+      // The complete path: the whole reply at once, no ai_message_* events.
+      turn.messageId = message.id;
+      showReply(turn, message.content);
+      setState(turn, "done");
+    }
+    scrollToEnd();
+  }
+
+  function onStart(data) {
+    const turn = turnFor(data.requestId);
+    turn.messageId = data.messageId;
+    turn.reply.box.hidden = false;
+    turn.reply.box.classList.add("streaming");
+    if (!["done", "cancelled", "error"].includes(turn.li.dataset.state)) setState(turn, "streaming");
+  }
+
+  function onChunk(data) {
+    const key = `${data.messageId}:${data.seq}`;
+    if (seen.has(key)) return;
+    seen.add(key);
+    const turn = turnFor(data.requestId);
+    if (["done", "cancelled", "error"].includes(turn.li.dataset.state)) return;
+    turn.chunks[data.seq] = data.chunk;
+    if (turn.firstChunkAt == null) turn.firstChunkAt = now();
+    // Render the contiguous prefix only (seq 0..n without a hole).
+    let text = "";
+    for (let i = 0; i < turn.chunks.length && turn.chunks[i] !== undefined; i += 1) text += turn.chunks[i];
+    turn.renders += 1;
+    turn.reply.text.dataset.chunkRenders = String(turn.renders);
+    turn.reply.box.classList.add("streaming");
+    showReply(turn, text);
+    if (turn.li.dataset.state !== "streaming") setState(turn, "streaming");
+    else renderMeta(turn);
+  }
+
+  function onEnd(data) {
+    const turn = turnFor(data.requestId);
+    turn.messageId = data.messageId;
+    turn.reply.box.classList.remove("streaming");
+    showReply(turn, data.content); // authoritative
+    if (data.finishReason && data.finishReason !== "stop") turn.note = `finish ${data.finishReason}`;
+    setState(turn, data.finishReason === "cancelled" ? "cancelled" : "done");
+  }
+
+  function onError(data) {
+    const turn = turnFor(data.requestId);
+    turn.reply.box.classList.remove("streaming");
+    turn.reply.box.hidden = false;
+    turn.reply.box.classList.add("failed");
+    turn.li.dataset.code = data.code;
+    turn.note = `error ${data.code}${data.retryable ? " (retryable)" : ""}`;
+    turn.reply.text.textContent = `${turn.reply.text.textContent}${turn.reply.text.textContent ? "\n" : ""}⚠ ${data.code}: ${data.message}`;
+    setState(turn, "error");
+  }
+
+  function onMessageAck(data) {
+    const turn = turnFor(data.requestId);
+    turn.path = data.path;
+    if (!data.ok && data.code) {
+      turn.li.dataset.code = data.code;
+      if (!turn.note) turn.note = `error ${data.code}`;
+    }
+    renderMeta(turn);
+    finish(data.requestId);
+  }
+
+  // ---- client -> bridge -------------------------------------------------------------------
+
+  function join(room) {
+    socket.emit("join_room", { roomId: room }, (ack) => {
+      if (ack && ack.ok) {
+        roomId = ack.roomId;
+        setStatus("connected", `Connected as ${tokenUser(socket.auth.token)} · room “${roomId}”.`);
+        setConnected(true);
+        els.message.focus();
+      } else {
+        const code = (ack && ack.code) || "INTERNAL";
+        setStatus("error", `Cannot join “${room}”: ${code}${ack && ack.message ? ` — ${ack.message}` : ""}`, code);
+      }
+    });
+  }
+
+  function connect() {
+    if (socket) disconnect();
+    const token = els.token.value.trim();
+    const room = els.room.value.trim() || "demo";
+    setStatus("connecting", "Connecting…");
+    socket = window.io({ auth: { token }, transports: ["websocket", "polling"] });
+    els.disconnect.disabled = false;
+    socket.on("connect", () => join(room));
+    socket.on("connect_error", (err) => {
+      const data = err && err.data;
+      const code = (data && data.code) || "CONNECT_FAILED";
+      const detail = (data && data.message) || (err && err.message) || "";
+      const retrying = socket && socket.active ? " (retrying…)" : "";
+      setStatus("error", `Connect error ${code}${detail ? `: ${detail}` : ""}${retrying}`, code);
+      setConnected(false);
+    });
+    socket.on("disconnect", (reason) => {
+      setStatus("disconnected", `Disconnected (${reason})${socket && socket.active ? ", reconnecting…" : "."}`);
+      setConnected(false);
+    });
+    socket.on("new_message", onNewMessage);
+    socket.on("ai_message_start", onStart);
+    socket.on("ai_message_chunk", onChunk);
+    socket.on("ai_message_end", onEnd);
+    socket.on("ai_message_error", onError);
+    socket.on("message_ack", onMessageAck);
+  }
+
+  function disconnect() {
+    if (!socket) return;
+    const old = socket;
+    socket = null;
+    old.removeAllListeners();
+    old.disconnect();
+    mine.length = 0;
+    setStatus("idle", "Not connected.");
+    setConnected(false);
+  }
+
+  function send() {
+    const content = els.message.value;
+    if (!socket || !socket.connected || !content.trim()) return;
+    const requestId = newRequestId();
+    const turn = turnFor(requestId);
+    turn.sentAt = now();
+    turn.user.text.textContent = content;
+    turn.user.box.classList.add("pending");
+    mine.push(requestId);
+    updateCancel();
+    renderMeta(turn);
+    scrollToEnd();
+    els.message.value = "";
+    socket.emit("send_message", { roomId, content, requestId }, (ack) => {
+      if (ack && ack.ok) {
+        if (!turn.path) turn.path = ack.path;
+        renderMeta(turn);
+      } else {
+        const code = (ack && ack.code) || "INTERNAL";
+        turn.li.dataset.code = code;
+        turn.note = `rejected ${code}${ack && ack.message ? `: ${ack.message}` : ""}`;
+        turn.user.box.classList.remove("pending");
+        setState(turn, "rejected");
+        finish(requestId);
+      }
+    });
+  }
+
+  function cancel() {
+    const requestId = mine[mine.length - 1];
+    if (!socket || !requestId) return;
+    els.cancel.disabled = true;
+    socket.emit("cancel_message", { requestId }, (ack) => {
+      if (ack && !ack.ok) {
+        const turn = turnFor(requestId);
+        turn.note = `cancel refused ${ack.code}`;
+        renderMeta(turn);
+      }
+      updateCancel();
+    });
+  }
+
+  // ---- wiring -----------------------------------------------------------------------------
+
+  els.connectForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    connect();
+  });
+  els.disconnect.addEventListener("click", disconnect);
+  els.composer.addEventListener("submit", (event) => {
+    event.preventDefault();
+    send();
+  });
+  els.message.addEventListener("keydown", (event) => {
+    // Enter sends; Shift+Enter is a new line; Enter that confirms an IME composition (Korean
+    // input) is not a send.
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing && event.keyCode !== 229) {
+      event.preventDefault();
+      send();
+    }
+  });
+  els.cancel.addEventListener("click", cancel);
+
+  const params = new URLSearchParams(window.location.search);
+  if (params.get("room")) els.room.value = params.get("room");
+  if (params.get("token")) {
+    els.token.value = params.get("token");
+    connect();
+  } else {
+    system("Paste a JWT (python -m bridge token <user>) and press Connect.");
+    els.token.focus();
+  }
+})();

@@ -1,0 +1,72 @@
+"""RoomSink on a live bridge: local sockets first, other replicas through Redis, never in between
+the terminal event and the sender's ``message_ack``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from bridge.rooms import PREFIX
+from tests.bridge.fake_backend import TOKEN, FakeBackend
+from tests.bridge.harness import assert_contract_stream, connected, new_id, running_bridge
+
+SLOW_PUBLISH_S = 3.0
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeBackend]:
+    async with FakeBackend() as backend:
+        yield backend
+
+
+async def _another_replica_in(redis_url: str, room: str) -> None:
+    redis = Redis.from_url(redis_url, decode_responses=True)
+    try:
+        await redis.set(f"{PREFIX}host:other-replica", "1", ex=60)
+        await redis.sadd(f"{PREFIX}room:{room}:hosts", "other-replica")
+    finally:
+        await redis.aclose()
+
+
+async def test_slow_publish_of_the_terminal_does_not_delay_the_senders_message_ack(
+    redis_url: str, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (issue 3, overload): with members on another replica, the relay awaited the
+    terminal event's Redis publish before the sender's ``message_ack``; under load the publish
+    took seconds (and the relay's idle timer could fire in it), so the sender saw
+    ``ai_message_end`` and no ``message_ack`` within the load test's 5 s."""
+    room, rid = new_id("room"), new_id("req")
+    await _another_replica_in(redis_url, room)
+    async with running_bridge(redis_url, fake.url, TOKEN) as running:
+        server = running.bridge.server
+        publish = server.publish
+        published: list[str] = []
+        terminal_published = asyncio.Event()
+
+        async def slow_publish(room_id: str, event: str, payload: dict[str, Any]) -> None:
+            if event in ("ai_message_end", "ai_message_error"):
+                await asyncio.sleep(SLOW_PUBLISH_S)  # a Redis that is slow to take it
+                terminal_published.set()
+            published.append(event)
+            await publish(room_id, event, payload)
+
+        monkeypatch.setattr(server, "publish", slow_publish)
+        async with connected(running.url, new_id("user")) as client:
+            ack = await client.call(
+                "send_message", {"roomId": room, "content": "hi", "requestId": rid}
+            )
+            assert ack["ok"] is True
+            await client.wait_for("ai_message_end")
+            ended_at = time.monotonic()
+            await client.wait_for("message_ack", wait_s=10)
+            done_after_s = time.monotonic() - ended_at
+            assert done_after_s < 1.0, done_after_s
+            assert_contract_stream(client, rid, sender=True)
+            assert client.named("message_ack")[0]["ok"] is True
+            await asyncio.wait_for(terminal_published.wait(), SLOW_PUBLISH_S + 5)
+    assert published[-1] == "ai_message_end"  # the other replica still gets it, last
