@@ -37,8 +37,8 @@ import httpx
 import psutil
 import websockets
 
-from bridge.auth import make_token
 from contracts.redis_server import EmbeddedRedis, free_port
+from loadtest.tokens import mint_token
 
 SECRET = "bench-jwt-secret-0123456789abcdef-0123456789"
 BACKEND_TOKEN = "bench-backend-token"
@@ -181,7 +181,7 @@ class SioSocket:
         sock = cls(ws)
         opened = await ws.recv()
         assert str(opened).startswith("0"), opened
-        await ws.send("40" + json.dumps({"token": make_token(SECRET, user)}))
+        await ws.send("40" + json.dumps({"token": mint_token(SECRET, user)}))
         while True:
             frame = str(await sock.recv())
             if frame.startswith("40"):
