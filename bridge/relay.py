@@ -107,6 +107,7 @@ class Relay:
         self.parts: list[str] = []  # chunk text by seq: the room has seen exactly these
         self.started = False
         self.announced = False  # ai_message_start went to the room: a joiner can be replayed
+        self._user_announced = False  # the user's new_message went to the room
         self._accepted_at: float | None = None
         self._first_chunk_at: float | None = None
         self._resumes = 0
@@ -156,6 +157,15 @@ class Relay:
         try:
             async with asyncio.timeout_at(loop.time() + self._wait_s()) as timer:
                 async for event in stream.events():
+                    # The timer bounds the wait on the backend only. Handling an event awaits
+                    # the room's side (Redis: the in-flight record, publishes), which under load
+                    # takes seconds; a timer expiring there cancelled ``_start`` half-way (the
+                    # relay "started" but the room never got ``ai_message_start``, so the
+                    # fallback's chunks and terminal were dropped by the delivery filter), or,
+                    # when the cancellation was swallowed below, crashed the relay on
+                    # ``reschedule`` ("Cannot change state of expiring Timeout"). No await
+                    # since the event arrived: the timer cannot be expiring here.
+                    timer.reschedule(None)
                     end = await self._handle(event)
                     if end is not None:
                         break
@@ -204,15 +214,21 @@ class Relay:
         return min(wait, remaining)
 
     async def _start(self, message_id: str, user_message_id: str) -> None:
-        if self.started:
+        if self.announced:
             if message_id != self.message_id:
                 raise UpstreamProtocolError("resumed stream names another message")
             return
+        # Not announced yet (first start, or one interrupted before ai_message_start): the
+        # room has seen nothing of this generation, so (re)do every step still missing.
         self.message_id = message_id
         self.started = True
-        await self._sink.begin(message_id)
+        # The ack first: it waits on the backend's start only, not on the in-flight record's
+        # Redis round trip (seconds under load); begin still precedes every room event.
         self._accept(message_id)
-        await self._sink.room("new_message", self._user_message(user_message_id))
+        await self._sink.begin(message_id)
+        if not self._user_announced:
+            self._user_announced = True
+            await self._sink.room("new_message", self._user_message(user_message_id))
         # Set before the emit: the room's local sockets get the start in the same step (no await
         # in between), so a socket replayed from this relay never misses it.
         self.announced = True
@@ -256,7 +272,7 @@ class Relay:
 
     def _unresumable(self, exc: UpstreamError) -> str | None:
         """Why a broken stream goes straight to the fallback (``None``: try to resume)."""
-        if not self.started:
+        if not self.announced:
             return "no_start"
         if isinstance(exc, UpstreamFailed):
             return "error_event"
@@ -299,7 +315,7 @@ class Relay:
         except UpstreamError as exc:
             log.info("relay_fallback_failed", cause=type(exc).__name__)
             return await self._fail(cause.code, cause.message, reason)
-        if not self.started:
+        if not self.announced:
             await self._start(body.message_id, _user_message_id(self.request_id))
         seen = "".join(self.parts)
         if body.content.startswith(seen) and len(body.content) > len(seen):

@@ -4,7 +4,9 @@
   then the Redis queue only while another replica has members of the room. Presence is read
   once when the generation begins and re-read in the background every
   ``presence_refresh_s``; a socket that joins another replica in between is covered by that
-  replica's follower, so the relay never waits on Redis per chunk.
+  replica's follower. Publishes go through one ordered outbox task per relay, so the relay
+  never waits on Redis per chunk: under overload a slow Redis made every chunk (and the
+  sender's acks behind them) wait, and turned a saturated bridge into 30 s client timeouts.
 - ``run_complete`` is the old behaviour for users the flag keeps off streaming.
 - ``follow`` replays a generation running elsewhere to one joining socket, from the backend's
   resume endpoint (any replica can serve it), then follows it live to its terminal event.
@@ -32,6 +34,12 @@ from contracts import ChatRequest, ErrorCode, Path
 log = structlog.get_logger("bridge.sinks")
 
 DONE = "message_ack"
+# Publishes a relay may have queued for other replicas; past it they are dropped (and logged):
+# the remote sockets' delivery filter then drops the later chunks and ai_message_end still
+# carries the whole content.
+MAX_PENDING_PUBLISHES = 1000
+PUBLISH_TIMEOUT_S = 5.0
+OUTBOX_IDLE_S = 60.0
 
 
 class RoomSink:
@@ -60,6 +68,8 @@ class RoomSink:
         self.began = False
         self.terminal_sent = False
         self.done_sent = False
+        self._outbox: asyncio.Queue[tuple[str, Payload]] | None = None
+        self._dropped = 0
 
     def ack(self, payload: Payload) -> None:
         self.acked = True
@@ -82,16 +92,38 @@ class RoomSink:
         self._server.emit_local(room_id, event, payload)
         if event in TERMINAL:
             self.terminal_sent = True
-            if self.remote:
-                # Not awaited: the relay's next step is the sender's message_ack, which must not
-                # wait on Redis (a slow publish under load left the terminal without its
-                # message_ack for seconds). Still the last publish of this generation: in order.
-                self._server.spawn(self._server.publish(room_id, event, payload))
-            return
-        if not self.remote and time.monotonic() >= self._next_check:
+        elif not self.remote and time.monotonic() >= self._next_check:
             self._recheck()
         if self.remote:
-            await self._server.publish(room_id, event, payload)
+            self._publish(event, payload)
+
+    def _publish(self, event: str, payload: Payload) -> None:
+        """Queue an event for the other replicas; one task sends them in order."""
+        if self._outbox is None:
+            self._outbox = asyncio.Queue()
+            self._server.spawn(self._drain(self._outbox))
+        if self._outbox.qsize() >= MAX_PENDING_PUBLISHES:
+            self._dropped += 1
+            if self._dropped == 1:
+                log.warning("publish_backlog_dropping", bound=MAX_PENDING_PUBLISHES)
+            return
+        self._outbox.put_nowait((event, payload))
+
+    async def _drain(self, outbox: asyncio.Queue[tuple[str, Payload]]) -> None:
+        room_id = self._request.room_id
+        while True:
+            try:
+                event, payload = await asyncio.wait_for(outbox.get(), OUTBOX_IDLE_S)
+            except TimeoutError:
+                return  # the relay ended without a terminal (it crashed): nothing more comes
+            try:
+                await asyncio.wait_for(
+                    self._server.publish(room_id, event, payload), PUBLISH_TIMEOUT_S
+                )
+            except Exception as exc:  # loop edge: a lost publish, later ones still go
+                log.warning("publish_failed", event=event, error=type(exc).__name__)
+            if event in TERMINAL:
+                return
 
     def sender(self, event: str, payload: Payload) -> None:
         if event == DONE:

@@ -6,13 +6,16 @@ fault ends with the contract's events and no duplicate or lost text.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
+from bridge.errors import StoreError
 from tests.bridge.fake_backend import TOKEN, FakeBackend, Script
 from tests.bridge.harness import (
+    FAST_ENV,
     RunningBridge,
     assert_contract_stream,
     connected,
@@ -220,3 +223,47 @@ async def test_cancel_calls_backend_with_user_id(bridge: RunningBridge, fake: Fa
     assert end["finishReason"] == "cancelled"
     assert client.named("message_ack")[0]["ok"] is True
     assert assert_contract_stream(client, rid, sender=True) == end["content"]
+
+
+async def test_no_start_event_within_open_budget_falls_back_with_the_whole_sequence(
+    bridge: RunningBridge, fake: FakeBackend
+) -> None:
+    """Regression: under load the stream's ``start`` came after the open budget; the fallback
+    then sent the sender its acks but the room no ``ai_message_start``/chunks/end (the load
+    tester counted ``missingTerminal`` on every such request)."""
+    fake.script = Script(send_start=False)
+    client, ack, rid = await _send(bridge)
+    assert ack["ok"] and ack["messageId"] is None
+    assert assert_contract_stream(client, rid, sender=True) == FULL
+    assert client.named("message_ack")[0]["path"] == "fallback"
+
+
+@pytest.mark.parametrize("swallows_cancel", [False, True], ids=["cancelled", "swallowed"])
+async def test_slow_room_store_at_start_is_not_a_backend_wait(
+    bridge: RunningBridge, monkeypatch: pytest.MonkeyPatch, swallows_cancel: bool
+) -> None:
+    """Regression (load test, every fallback missingTerminal): under load the Redis round trip
+    of ``rooms.begin`` (on ``start``) outlasted what was left of the relay's first-event wait.
+    The expiring timer cancelled ``_start`` half-way: the relay counted as started, so the
+    fallback skipped ``new_message``/``ai_message_start`` and the delivery filter dropped its
+    chunks and terminal; the sender got only the acks. When the cancellation was swallowed
+    (turned into a store error), the relay crashed instead (INTERNAL)."""
+    registry = bridge.bridge.rooms
+    real_begin = registry.begin
+    slow_s = float(FAST_ENV["BRIDGE_FIRST_EVENT_TIMEOUT_S"]) + 0.5
+
+    async def slow_begin(room_id: str, request_id: str, user_id: str, message_id: str) -> bool:
+        try:
+            await asyncio.sleep(slow_s)
+        except asyncio.CancelledError:
+            if not swallows_cancel:
+                raise
+            raise StoreError("begin: redis unavailable (cancelled read)") from None
+        return await real_begin(room_id, request_id, user_id, message_id)
+
+    monkeypatch.setattr(registry, "begin", slow_begin)
+    client, ack, rid = await _send(bridge)
+    assert ack["ok"] and ack["messageId"] == "m-1"
+    assert assert_contract_stream(client, rid, sender=True) == FULL
+    done = client.named("message_ack")[0]
+    assert done["ok"] and done["path"] == "stream"

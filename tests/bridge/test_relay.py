@@ -149,7 +149,7 @@ async def _run(
 async def test_happy_path_order() -> None:
     sink, outcome = await _run(ScriptedUpstream([START, Chunk(0, "Hel"), Chunk(1, "lo"), _end()]))
     assert sink.names() == [
-        "begin", "ack", "new_message", "ai_message_start", "ai_message_chunk",
+        "ack", "begin", "new_message", "ai_message_start", "ai_message_chunk",
         "ai_message_chunk", "ai_message_end", "sender:message_ack",
     ]  # fmt: skip
     assert sink.get("ack")["messageId"] == "m1"

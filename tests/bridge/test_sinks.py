@@ -70,3 +70,42 @@ async def test_slow_publish_of_the_terminal_does_not_delay_the_senders_message_a
             assert client.named("message_ack")[0]["ok"] is True
             await asyncio.wait_for(terminal_published.wait(), SLOW_PUBLISH_S + 5)
     assert published[-1] == "ai_message_end"  # the other replica still gets it, last
+
+
+async def test_slow_publish_of_chunks_does_not_hold_back_local_sockets(
+    redis_url: str, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (issue 3, overload): with presence on another replica (or unknown because
+    Redis failed), every chunk awaited its Redis publish before the next one went out, so a
+    slow Redis stalled the local sockets too (30 s client timeouts in the load test). Now the
+    local sockets get the whole stream at once and the publishes follow, in order."""
+    room, rid = new_id("room"), new_id("req")
+    await _another_replica_in(redis_url, room)
+    async with running_bridge(redis_url, fake.url, TOKEN) as running:
+        server = running.bridge.server
+        publish = server.publish
+        published: list[str] = []
+        all_published = asyncio.Event()
+
+        async def slow_publish(room_id: str, event: str, payload: dict[str, Any]) -> None:
+            await asyncio.sleep(0.5)  # a Redis that takes half a second per publish
+            published.append(event)
+            await publish(room_id, event, payload)
+            if event == "ai_message_end":
+                all_published.set()
+
+        monkeypatch.setattr(server, "publish", slow_publish)
+        async with connected(running.url, new_id("user")) as client:
+            started = time.monotonic()
+            ack = await client.call(
+                "send_message", {"roomId": room, "content": "hi", "requestId": rid}
+            )
+            assert ack["ok"] is True
+            await client.wait_for("message_ack", wait_s=10)
+            # 7 room events at 0.5 s each would be 3.5 s if the relay waited on them.
+            assert time.monotonic() - started < 2.5
+            assert assert_contract_stream(client, rid, sender=True) == "Hello, world"
+        await asyncio.wait_for(all_published.wait(), 10)
+    assert published == [
+        "new_message", "ai_message_start", *["ai_message_chunk"] * 5, "ai_message_end",
+    ]  # fmt: skip
