@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 from collections.abc import Coroutine, Sequence
 from dataclasses import replace
@@ -271,9 +272,19 @@ def _run_loop(coro: Coroutine[Any, Any, T], *, uvloop: bool) -> T:
     return asyncio.run(coro)
 
 
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM ends a run like Ctrl-C does, so ``--stack`` still tears its stack down.
+
+    Regression: a ``kill`` of the load tester left the spawned stack (its own process group)
+    running.
+    """
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: signal.raise_signal(signal.SIGINT))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _sigterm_as_interrupt()
     try:
         if args.command == "recompute":
             return _recompute(args, sys.stdout)

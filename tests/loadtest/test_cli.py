@@ -132,3 +132,36 @@ def test_usage_errors_exit_4_with_a_message(capsys: pytest.CaptureFixture[str]) 
     assert main(["run", "--url", "http://x", "--jwt-secret", "s" * 32, "--compare"]) == (
         ExitCode.ERROR
     )
+
+
+def test_sigterm_during_a_stack_run_tears_the_stack_down(tmp_path: Path) -> None:
+    """Regression: ``kill`` (SIGTERM) of ``loadtest run --stack`` left the spawned stack (bridge,
+    backend, Redis: its own process group) running; only Ctrl-C tore it down."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    argv = [sys.executable, "-m", "loadtest", "run", "--stack", "--stage", "60s:1/s",
+            "--users", "2", "--out", str(tmp_path / "out"), "--quiet"]  # fmt: skip
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line or line.startswith("stack up"):
+                break
+        assert line.startswith("stack up"), line
+        stack = psutil.Process(proc.pid).children(recursive=True)
+        assert any("redis-server" in p.name() for p in stack)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        gone, alive = psutil.wait_procs(stack, timeout=15)
+        assert [p for p in alive if p.status() != psutil.STATUS_ZOMBIE] == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
