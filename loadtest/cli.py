@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import signal
 import sys
+import threading
 from collections.abc import Coroutine, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -278,7 +279,8 @@ def _sigterm_as_interrupt() -> None:
     Regression: a ``kill`` of the load tester left the spawned stack (its own process group)
     running.
     """
-    signal.signal(signal.SIGTERM, lambda _sig, _frame: signal.raise_signal(signal.SIGINT))
+    if threading.current_thread() is threading.main_thread():  # not when embedded in a thread
+        signal.signal(signal.SIGTERM, lambda _sig, _frame: signal.raise_signal(signal.SIGINT))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.bridge.harness import FAST_ENV
+from tests.support.backend import fast_backend_env
 from tests.support.procs import ServerProcess
 
 BACKEND_TOKEN = "integration-backend-token"
@@ -14,15 +15,7 @@ BACKEND_TOKEN = "integration-backend-token"
 
 @pytest.fixture(scope="module")
 def backend(redis_url: str) -> Iterator[ServerProcess]:
-    env = {
-        "REDIS_URL": redis_url,
-        "BACKEND_TOKEN": BACKEND_TOKEN,
-        "PROVIDER": "scripted",
-        "SCRIPTED_TTFT_MS": "30",
-        "SCRIPTED_TOKENS_PER_S": "300",
-        "SCRIPTED_REPLY_TOKENS": "25",
-        "SCRIPTED_DIRECTIVES": "1",
-    }
+    env = fast_backend_env(redis_url, BACKEND_TOKEN)
     with ServerProcess.python_module("backend_stream", env=env) as proc:
         yield proc
 
