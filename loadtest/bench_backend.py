@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import subprocess
 import sys
 import time
@@ -42,6 +41,7 @@ import psutil
 import redis
 
 from contracts.redis_server import EmbeddedRedis, free_port
+from loadtest.procs import spawn_service, stop_process, wait_ready
 
 TOKEN = "bench-token"
 DEFAULT_STREAMS = "1,100,500"
@@ -52,6 +52,7 @@ DEFAULT_DURATION_S = 10.0
 CHUNK_MARK = b"\nevent: chunk\n"
 READY_TIMEOUT_S = 30.0
 STREAM_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -77,7 +78,6 @@ def percentile(values: list[float], pct: float) -> float:
 
 def start_backend(redis_url: str, port: int, args: argparse.Namespace) -> subprocess.Popen[bytes]:
     env = {
-        **os.environ,
         "REDIS_URL": redis_url,
         "BACKEND_TOKEN": TOKEN,
         "PROVIDER": "scripted",
@@ -86,18 +86,13 @@ def start_backend(redis_url: str, port: int, args: argparse.Namespace) -> subpro
         "SCRIPTED_REPLY_TOKENS": str(args.tokens),
         "LOG_LEVEL": "WARNING",
     }
-    cmd = [sys.executable, "-m", "backend_stream", "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise TimeoutError("backend did not become ready")
+    proc = spawn_service("backend_stream", port, env)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc, READY_TIMEOUT_S, path="/readyz")
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
 
 
 def server_counters(base_url: str) -> dict[str, float]:
@@ -276,12 +271,7 @@ async def bench(args: argparse.Namespace) -> None:
                 print(report(level, before, command_counts(stats)), flush=True)
         finally:
             stats.close()
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+            stop_process(proc, STOP_TIMEOUT_S)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

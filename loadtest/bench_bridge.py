@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import time
@@ -38,12 +37,14 @@ import psutil
 import websockets
 
 from contracts.redis_server import EmbeddedRedis, free_port
+from loadtest.procs import spawn_service, stop_process, wait_ready
 from loadtest.tokens import mint_token
 
 SECRET = "bench-jwt-secret-0123456789abcdef-0123456789"
 BACKEND_TOKEN = "bench-backend-token"
 START_TIMEOUT_S = 60.0
 STREAM_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 15.0
 
 
 @dataclass
@@ -64,37 +65,6 @@ class Phase:
 
 
 # ---- processes ---------------------------------------------------------------------------
-
-
-def _spawn(module: str, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port)]
-    return subprocess.Popen(
-        argv, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url} exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} not healthy")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 # ---- direct SSE --------------------------------------------------------------------------
@@ -315,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.levels = [int(x) for x in args.levels.split(",") if x]
     with EmbeddedRedis() as redis:
         backend_port, bridge_port = free_port(), free_port()
-        backend = _spawn(
+        backend = spawn_service(
             "backend_stream",
             backend_port,
             {
@@ -327,8 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         backend_url = f"http://127.0.0.1:{backend_port}"
         bridge: subprocess.Popen[bytes] | None = None
         try:
-            _wait_healthy(backend_url, backend)
-            bridge = _spawn(
+            wait_ready(backend_url, backend, START_TIMEOUT_S)
+            bridge = spawn_service(
                 "bridge",
                 bridge_port,
                 {
@@ -338,12 +308,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 },
             )  # fmt: skip
             bridge_url = f"http://127.0.0.1:{bridge_port}"
-            _wait_healthy(bridge_url, bridge)
+            wait_ready(bridge_url, bridge, START_TIMEOUT_S)
             asyncio.run(bench(args, backend_url, bridge_url, bridge.pid))
         finally:
             if bridge is not None:
-                _stop(bridge)
-            _stop(backend)
+                stop_process(bridge, STOP_TIMEOUT_S)
+            stop_process(backend, STOP_TIMEOUT_S)
     return 0
 
 

@@ -25,6 +25,7 @@ import orjson
 import psutil
 
 from contracts import AiMessageChunk
+from contracts.redis_server import free_port
 from loadtest.sio_client import SioConnection, websocket_url
 
 CHUNK = {
@@ -34,12 +35,6 @@ CHUNK = {
     "seq": 7,
     "chunk": " token",
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def _serve(port: int) -> None:
@@ -117,7 +112,7 @@ async def _connect_socketio(url: str, count: int, counter: _Counter) -> tuple[li
 
 
 async def _measure(impl: str, count: int, idle_s: float, stream_s: float, rate: float) -> None:
-    port = _free_port()
+    port = free_port()
     server = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "loadtest.clientbench", "serve", "--port", str(port)
     )

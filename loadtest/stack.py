@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,8 @@ from pathlib import Path
 from types import TracebackType
 
 import orjson
+
+from contracts.redis_server import free_port
 
 __all__ = ["DEFAULT_STACK_START_TIMEOUT_S", "EmbeddedStack", "StackInfo", "StackStartError"]
 
@@ -54,7 +55,7 @@ class EmbeddedStack:
         python: str = sys.executable,
     ) -> None:
         # A free port by default: the stack's own default (8080) may be taken on a shared machine.
-        self.port = port if port is not None else _free_port()
+        self.port = port if port is not None else free_port()
         self.argv = [
             python,
             "-m",
@@ -141,12 +142,6 @@ class EmbeddedStack:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _signal_group(pgid: int, sig: signal.Signals | int) -> bool:
