@@ -21,7 +21,6 @@ it, and the next batch reconnects.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,7 +29,11 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import RedisError, ResponseError
 
+from contracts.aio import cancel_and_wait
+
 log = structlog.get_logger("backend_stream.chunk_writer")
+
+STOP_TIMEOUT_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,9 +62,7 @@ class ChunkWriter:
 
     async def aclose(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait([self._task], STOP_TIMEOUT_S)
         if self._conn is not None:
             conn, self._conn = self._conn, None
             await self._redis.connection_pool.release(conn)

@@ -27,6 +27,7 @@ from backend_stream.store import (
     GenState,
 )
 from contracts import ChatMessage, ChatRequest, Role, StreamStart, utc_now_iso
+from contracts.aio import cancel_and_wait
 
 log = structlog.get_logger("backend_stream.registry")
 
@@ -96,10 +97,9 @@ class GenerationRegistry:
         """Cancel every generation (each stores a retryable error) and the cancel listener."""
         tasks = list(self._tasks)
         tasks += [t for t in (self._cancel_listener, self._heartbeat) if t is not None]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=SHUTDOWN_TIMEOUT_S)
+        left = await cancel_and_wait(tasks, SHUTDOWN_TIMEOUT_S)
+        if left:
+            log.warning("tasks_left_running_at_shutdown", count=len(left))
 
     async def start_or_attach(self, req: ChatRequest, received_at: float) -> Attachment:
         key = GenKey(req.user_id, req.request_id)

@@ -50,6 +50,7 @@ from contracts import (
     Usage,
     utc_now_iso,
 )
+from contracts.aio import cancel_and_wait
 
 log = structlog.get_logger("backend_stream.runner")
 
@@ -119,9 +120,7 @@ class GenerationRunner:
 
     async def aclose(self) -> None:
         if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+            await cancel_and_wait([self._sweeper], SHUTDOWN_WRITE_TIMEOUT_S)
 
     async def run(
         self, gen: Generation, user_content: str, claim: Claim, claimed_at: float

@@ -27,6 +27,7 @@ from bridge.rooms import RoomRegistry
 from bridge.settings import Settings
 from bridge.sio import SocketServer
 from bridge.upstream import HttpUpstream
+from contracts.aio import cancel_and_wait
 
 log = structlog.get_logger("bridge.app")
 
@@ -35,6 +36,7 @@ REDIS_MAX_CONNECTIONS = 64
 REDIS_WARM_CONNECTIONS = 16
 REDIS_TIMEOUT_S = 5.0
 GRACEFUL_SHUTDOWN_S = 5
+STOP_TASKS_TIMEOUT_S = 5.0
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -122,9 +124,9 @@ class Bridge:
             log.warning("insecure_dev_auth_enabled", detail="auth.userId is trusted without token")
 
     async def stop(self) -> None:
-        for task in self._background:
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        left = await cancel_and_wait(self._background, STOP_TASKS_TIMEOUT_S)
+        if left:
+            log.warning("background_tasks_left_running", count=len(left))
         local_rooms = self.server.local_rooms()
         await self.server.shutdown()
         try:
@@ -194,8 +196,7 @@ class Bridge:
         try:
             await server.serve()
         finally:
-            watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
+            await cancel_and_wait([watcher], STOP_TASKS_TIMEOUT_S)
             await self.stop()
 
 

@@ -34,6 +34,7 @@ import structlog
 from engineio import packet as eio_packet
 
 from bridge.fanout import DeliveryFilter, encode, encode_ack
+from contracts.aio import cancel_and_wait
 
 log = structlog.get_logger("bridge.sio")
 
@@ -266,15 +267,11 @@ class SocketServer:
         return task
 
     async def shutdown(self) -> None:
-        for task in list(self.tasks):
-            task.cancel()
-        if self.tasks:
-            await asyncio.wait(list(self.tasks), timeout=5.0)
+        await cancel_and_wait(list(self.tasks), 5.0)
         await self._sio.shutdown()
         manager_task = getattr(self._manager, "thread", None)
         if isinstance(manager_task, asyncio.Task):
-            manager_task.cancel()
-            await asyncio.wait([manager_task], timeout=2.0)
+            await cancel_and_wait([manager_task], 2.0)
         redis = getattr(self._manager, "redis", None)
         if redis is not None:
             await redis.aclose()

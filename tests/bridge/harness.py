@@ -45,7 +45,12 @@ class RunningBridge:
 
 @asynccontextmanager
 async def running_bridge(
-    redis_url: str, backend_url: str, backend_token: str, env: Mapping[str, str] | None = None
+    redis_url: str,
+    backend_url: str,
+    backend_token: str,
+    env: Mapping[str, str] | None = None,
+    *,
+    exit_timeout_s: float = 20,
 ) -> AsyncIterator[RunningBridge]:
     environ = {
         **FAST_ENV,
@@ -68,7 +73,7 @@ async def running_bridge(
         yield RunningBridge(f"http://127.0.0.1:{port}", bridge)
     finally:
         bridge.request_exit()
-        await asyncio.wait_for(task, 20)
+        await asyncio.wait_for(task, exit_timeout_s)
 
 
 def token(user_id: str, roles: list[str] | None = None, ttl_s: int = 600) -> str:
