@@ -1,11 +1,21 @@
 #!/usr/bin/env bash
-# The project's two entry points (README): `bash dev.sh up` and `bash dev.sh test`.
+# The project's entry points (README): `bash dev.sh up` and `bash dev.sh test`, plus
+# `bash dev.sh lock [--upgrade]`, the one command that updates the dependency lock (uv.lock).
 # Both set up everything they need on a fresh machine (root, package registries reachable).
+#
+# Python packages come only from the committed uv.lock (`uv sync --locked`): a fresh clone
+# installs exactly the versions the suite last passed with. uv itself is pinned, with hashes,
+# by .ci/uv.txt and installed into .tools/ (a private venv) on first use.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 VENV=.venv
 PY=$VENV/bin/python
+TOOLS=.tools
+UV=$TOOLS/bin/uv
+export UV_PROJECT_ENVIRONMENT=$VENV UV_PYTHON_DOWNLOADS=never UV_NO_PROGRESS=1
+# The interpreter the venv is made from: the machine's python3 (3.11+), never a download.
+export UV_PYTHON=${UV_PYTHON:-$(command -v python3)}
 
 log() { printf '\033[1m== %s\033[0m\n' "$*" >&2; }
 
@@ -16,22 +26,37 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
+setup_uv() {
+    if [ ! -x "$UV" ] || ! cmp -s .ci/uv.txt "$TOOLS/uv.txt"; then
+        log "installing uv (pinned by .ci/uv.txt)"
+        rm -rf "$TOOLS"
+        python3 -m venv "$TOOLS"
+        "$TOOLS/bin/pip" install -q --disable-pip-version-check --require-hashes --no-deps \
+            -r .ci/uv.txt 2>&1 | { grep -v '^WARNING: Location' || true; } >&2
+        cp .ci/uv.txt "$TOOLS/uv.txt"
+    fi
+}
+
+check_lock() {
+    # A stale lock (pyproject.toml changed, uv.lock not) must fail loudly, not be re-resolved.
+    if ! "$UV" lock --check --quiet 2>/dev/null; then
+        log "uv.lock is out of date with pyproject.toml"
+        echo "dev.sh: pyproject.toml changed but uv.lock did not. Run 'bash dev.sh lock' and" \
+            "commit uv.lock with the pyproject.toml change." >&2
+        exit 1
+    fi
+}
+
 setup_python() {
-    if [ ! -x "$PY" ]; then
-        log "creating $VENV"
-        python3 -m venv "$VENV"
-    fi
-    # Reinstall only when pyproject.toml changed since the last install.
-    local stamp=.stamp-venv
-    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-        log "installing Python packages"
-        "$PY" -m pip install -q --disable-pip-version-check --upgrade pip 2>/dev/null || true
-        "$PY" -m pip install -q --disable-pip-version-check -e ".[dev]" 2>&1 \
-            | grep -v '^WARNING: Location' || true
-        "$PY" -c "import socketio, fastapi, httpx_sse, httpx_aiohttp, redis, openai, jwt, orjson, hiredis" \
-            || { log "Python packages did not install"; exit 1; }
-        touch "$stamp"
-    fi
+    setup_uv
+    check_lock
+    log "installing the locked Python packages (uv sync --locked)"
+    "$UV" sync --locked --all-extras --quiet
+}
+
+print_versions() {
+    log "locked versions installed"
+    "$UV" pip list --quiet --format freeze 2>/dev/null | paste -sd' ' - | fold -s -w 100 >&2
 }
 
 setup_redis() {
@@ -64,6 +89,7 @@ cmd_up() {
 
 cmd_test() {
     setup_python
+    print_versions
     setup_redis
     setup_node
     setup_chromium
@@ -78,8 +104,18 @@ cmd_test() {
     "$VENV/bin/pytest" "$@"
 }
 
+cmd_lock() {
+    # `bash dev.sh lock`: re-resolve what pyproject.toml changed, keep every other pin.
+    # `bash dev.sh lock --upgrade`: move every package to its newest version that the
+    # constraints in pyproject.toml allow (then run `bash dev.sh test` before committing).
+    setup_uv
+    "$UV" lock "$@"
+}
+
 case "${1:-}" in
     up) shift; cmd_up "$@" ;;
     test) shift; cmd_test "$@" ;;
-    *) echo "usage: bash dev.sh up [--port P] | bash dev.sh test [pytest args]" >&2; exit 2 ;;
+    lock) shift; cmd_lock "$@" ;;
+    lock-check) setup_uv; check_lock ;;
+    *) echo "usage: bash dev.sh up [--port P] | test [pytest args] | lock [--upgrade]" >&2; exit 2 ;;
 esac

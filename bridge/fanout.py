@@ -22,7 +22,7 @@ import json
 from collections import OrderedDict
 from typing import Any
 
-from engineio import packet as eio_packet
+from bridge.compat import message_packet
 
 START = "ai_message_start"
 CHUNK = "ai_message_chunk"
@@ -39,12 +39,12 @@ def encode(event: str, payload: dict[str, Any]) -> Any:
 
     Built once per event and shared by every recipient (Engine.IO caches the encoding).
     """
-    return eio_packet.Packet(eio_packet.MESSAGE, "2" + _dumps([event, payload]))
+    return message_packet("2" + _dumps([event, payload]))
 
 
 def encode_ack(ack_id: int, payload: dict[str, Any]) -> Any:
     """A Socket.IO ACK packet for the client's callback ``ack_id``."""
-    return eio_packet.Packet(eio_packet.MESSAGE, "3" + str(ack_id) + _dumps([payload]))
+    return message_packet("3" + str(ack_id) + _dumps([payload]))
 
 
 class DeliveryFilter:

@@ -26,19 +26,20 @@ Choices, and why (do not "simplify" them without reading this):
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import socketio
 import structlog
-from engineio import packet as eio_packet
 
+from bridge import compat
 from bridge.fanout import DeliveryFilter, encode, encode_ack
 from contracts.aio import cancel_and_wait
 
 log = structlog.get_logger("bridge.sio")
 
-NAMESPACE = "/"
+NAMESPACE = compat.NAMESPACE
 KICK_CLOSE_TIMEOUT_S = 5.0
 HARD_QUEUE_FACTOR = 10
 
@@ -58,48 +59,6 @@ class Refused(Exception):
         self.message = message
 
 
-class _Manager(socketio.AsyncRedisManager):  # type: ignore[misc]
-    local_emit: Callable[[str, str, Payload], None]
-
-    async def _handle_emit(self, message: dict[str, Any]) -> None:
-        data, room, event = message.get("data"), message.get("room"), message.get("event")
-        if (
-            message.get("callback") is None
-            and not message.get("binary")
-            and message.get("namespace", NAMESPACE) == NAMESPACE
-            and isinstance(room, str)
-            and isinstance(event, str)
-            and isinstance(data, list)
-            and len(data) == 1
-            and isinstance(data[0], dict)
-        ):
-            self.local_emit(room, event, data[0])
-            return
-        await super()._handle_emit(message)
-
-
-class _Server(socketio.AsyncServer):  # type: ignore[misc]
-    owner: SocketServer
-
-    async def _handle_event_internal(
-        self, server: Any, sid: str, eio_sid: str, data: list[Any], namespace: Any, id: Any
-    ) -> None:
-        event = data[0] if isinstance(data, list) and data else None
-        handler = self.owner.handler_for(event, namespace)
-        if handler is None:
-            await super()._handle_event_internal(server, sid, eio_sid, data, namespace, id)
-            return
-        await self.owner.dispatch(handler, sid, eio_sid, data, id)
-
-    async def _send_packet(self, eio_sid: str, pkt: Any) -> None:
-        encoded = pkt.encode()
-        for part in encoded if isinstance(encoded, list) else [encoded]:
-            self.owner.push(eio_sid, eio_packet.Packet(eio_packet.MESSAGE, part))
-
-    async def _send_eio_packet(self, eio_sid: str, eio_pkt: Any) -> None:
-        self.owner.push(eio_sid, eio_pkt)
-
-
 class SocketServer:
     """Typed face of the Socket.IO server: handlers, rooms, bounded sends, cross-replica emits."""
 
@@ -114,19 +73,21 @@ class SocketServer:
         on_connect: ConnectHandler,
         on_disconnect: DisconnectHandler,
     ) -> None:
-        self._manager = _Manager(redis_url, channel=channel)
-        self._manager.local_emit = self.emit_local
+        self._manager = compat.Manager(redis_url, channel=channel)
+        self._manager.on_remote_emit = self.emit_local
         cors: str | list[str] | None = None
         if cors_origins:
             cors = "*" if "*" in cors_origins else list(cors_origins)
-        self._sio = _Server(
+        sio_logger, eio_logger = compat.quiet_loggers(logging.WARNING)
+        self._sio = compat.Server(
             client_manager=self._manager,
             async_mode="asgi",
             cors_allowed_origins=cors,
-            logger=False,
-            engineio_logger=False,
+            logger=sio_logger,
+            engineio_logger=eio_logger,
         )
-        self._sio.owner = self
+        self._sio.route_event = self._route
+        self._sio.send_packet = self.push
         self._handlers: dict[str, EventHandler] = {}
         self._max_queue = socket_max_queue
         self._hard_max_queue = socket_max_queue * HARD_QUEUE_FACTOR
@@ -148,10 +109,14 @@ class SocketServer:
     def on(self, event: str, handler: EventHandler) -> None:
         self._handlers[event] = handler
 
-    def handler_for(self, event: object, namespace: object) -> EventHandler | None:
-        if namespace not in (None, NAMESPACE) or not isinstance(event, str):
+    def _route(
+        self, sid: str, eio_sid: str, data: list[Any], ack_id: Any
+    ) -> Awaitable[None] | None:
+        event = data[0] if isinstance(data, list) and data else None
+        handler = self._handlers.get(event) if isinstance(event, str) else None
+        if handler is None:
             return None
-        return self._handlers.get(event)
+        return self.dispatch(handler, sid, eio_sid, data, ack_id)
 
     async def dispatch(
         self, handler: EventHandler, sid: str, eio_sid: str, data: list[Any], ack_id: Any
@@ -175,10 +140,10 @@ class SocketServer:
 
     def push(self, eio_sid: str, pkt: Any) -> bool:
         """Queue one packet for a socket, unless its output bound is exceeded (then kick it)."""
-        sock = self._sio.eio.sockets.get(eio_sid)
-        if sock is None or sock.closed or sock.closing or eio_sid in self._kicked:
+        sock = compat.eio_socket(self._sio, eio_sid)
+        if sock is None or eio_sid in self._kicked:
             return False
-        queue = sock.queue
+        queue = compat.output_queue(sock)
         size = queue.qsize()
         if size >= self._max_queue:
             if size >= self._hard_max_queue:
@@ -195,9 +160,9 @@ class SocketServer:
             await asyncio.sleep(self._drain_grace_s)
         finally:
             self._over.discard(eio_sid)
-        sock = self._sio.eio.sockets.get(eio_sid)
-        if sock is not None and not sock.closed and sock.queue.qsize() >= self._max_queue:
-            self._kick(eio_sid, sock.queue)
+        sock = compat.eio_socket(self._sio, eio_sid)
+        if sock is not None and compat.output_queue(sock).qsize() >= self._max_queue:
+            self._kick(eio_sid, compat.output_queue(sock))
 
     def emit_to(self, sid: str, event: str, payload: Payload, *, follower: bool = False) -> None:
         """An event for one local socket (through the delivery filter)."""
@@ -216,19 +181,7 @@ class SocketServer:
 
     async def publish(self, room: str, event: str, payload: Payload) -> None:
         """Hand an event to the other replicas (python-socketio's Redis queue format)."""
-        await self._manager._publish(
-            {
-                "method": "emit",
-                "event": event,
-                "data": [payload],
-                "binary": False,
-                "namespace": NAMESPACE,
-                "room": room,
-                "skip_sid": None,
-                "callback": None,
-                "host_id": self._manager.host_id,
-            }
-        )
+        await self._manager.publish_emit(room, event, payload)
 
     # ---- rooms and sockets ----------------------------------------------------------------
 
@@ -249,12 +202,10 @@ class SocketServer:
         return sum(1 for _ in self._participants(room))
 
     def local_rooms(self) -> list[str]:
-        ns = self._manager.rooms.get(NAMESPACE, {})
-        sids = ns.get(None, {})
-        return [room for room in ns if isinstance(room, str) and room not in sids]
+        return self._manager.local_rooms()
 
     def connected(self) -> int:
-        return len(self._manager.rooms.get(NAMESPACE, {}).get(None, {}))
+        return self._manager.connected_sockets()
 
     async def disconnect(self, sid: str) -> None:
         await self._sio.disconnect(sid)
@@ -269,18 +220,16 @@ class SocketServer:
     async def shutdown(self) -> None:
         await cancel_and_wait(list(self.tasks), 5.0)
         await self._sio.shutdown()
-        manager_task = getattr(self._manager, "thread", None)
-        if isinstance(manager_task, asyncio.Task):
-            await cancel_and_wait([manager_task], 2.0)
-        redis = getattr(self._manager, "redis", None)
+        listener = self._manager.listener()
+        if listener is not None:
+            await cancel_and_wait([listener], 2.0)
+        redis = self._manager.redis_client()
         if redis is not None:
             await redis.aclose()
 
     def _participants(self, room: str) -> Iterator[tuple[str, str]]:
-        members = self._manager.rooms.get(NAMESPACE, {}).get(room)
-        if not members:
-            return iter(())
-        return iter(list(members.items()))
+        members = self._manager.members(room)
+        return iter(list(members.items())) if members else iter(())
 
     def _kick(self, eio_sid: str, queue: asyncio.Queue[Any]) -> None:
         if eio_sid in self._kicked:
@@ -299,9 +248,7 @@ class SocketServer:
             async with asyncio.timeout(KICK_CLOSE_TIMEOUT_S):
                 if sid is not None:
                     await self._sio.disconnect(sid)
-                sock = self._sio.eio.sockets.get(eio_sid)
-                if sock is not None:
-                    await sock.close(wait=False, abort=True)
+                await compat.abort(self._sio, eio_sid)
         except Exception:
             log.exception("kick_close_failed", sid=sid)
         finally:
