@@ -15,7 +15,9 @@ TOOLS=.tools
 UV=$TOOLS/bin/uv
 export UV_PROJECT_ENVIRONMENT=$VENV UV_PYTHON_DOWNLOADS=never UV_NO_PROGRESS=1
 # The interpreter the venv is made from: the machine's python3 (3.11+), never a download.
-export UV_PYTHON=${UV_PYTHON:-$(command -v python3)}
+# Its real path, not a launcher (a pyenv shim): uv matches a path request against the venv's
+# interpreter, and a shim never matches, so every sync would rebuild the venv.
+export UV_PYTHON=${UV_PYTHON:-$(python3 -c 'import sys; print(sys.executable)')}
 
 log() { printf '\033[1m== %s\033[0m\n' "$*" >&2; }
 

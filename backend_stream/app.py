@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,6 +13,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.utils import HIREDIS_AVAILABLE
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -25,7 +29,7 @@ from backend_stream.registry import GenerationRegistry
 from backend_stream.runner import GenerationRunner
 from backend_stream.settings import Settings
 from backend_stream.store import GenerationStore
-from contracts import HTTP_STATUS, ContractError, ErrorBody, ErrorCode
+from contracts import HTTP_STATUS, RETRYABLE, ContractError, ErrorBody, ErrorCode
 
 log = structlog.get_logger("backend_stream.app")
 
@@ -48,13 +52,27 @@ class Services:
 
 
 def error_response(
-    code: ErrorCode, message: str, status: int | None = None, retry_after_s: float | None = None
+    code: ErrorCode,
+    message: str,
+    status: int | None = None,
+    retry_after_s: float | None = None,
+    retryable: bool | None = None,
 ) -> JSONResponse:
+    """An ``ErrorBody``; ``retryable`` always says whether the same request may succeed later."""
     headers = {}
     if retry_after_s is not None:
-        headers["Retry-After"] = str(max(1, round(retry_after_s)))
-    body = ErrorBody(code=code, message=message).wire()
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
+    word = retryable if retryable is not None else code in RETRYABLE
+    body = ErrorBody(code=code, message=message, retryable=word).wire()
     return JSONResponse(body, status_code=status or HTTP_STATUS[code], headers=headers)
+
+
+# A pooled connection that Redis closed (a restart, a failover) fails its next command: that
+# command is retried on a new connection instead of failing a generation (issue 7). Only
+# connection errors: after a timeout the command may have run.
+REDIS_RETRY = Retry(
+    ExponentialWithJitterBackoff(base=0.02, cap=0.2), 2, supported_errors=(RedisConnectionError,)
+)
 
 
 def build_services(settings: Settings, metrics: Metrics) -> Services:
@@ -68,6 +86,7 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         socket_timeout=settings.redis_timeout_s,
         socket_connect_timeout=settings.redis_timeout_s,
         decode_responses=True,
+        retry=REDIS_RETRY,
     )
     redis = Redis(connection_pool=pool)
     store = GenerationStore(
@@ -75,6 +94,7 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         buffer_ttl_s=settings.buffer_ttl_s,
         idempotency_ttl_s=settings.idempotency_ttl_s,
         history_cap=settings.history_cap,
+        history_ttl_s=settings.history_ttl_s,
         lease_ms=int(settings.lease_s * 1000),
     )
     provider = make_provider(settings)
@@ -132,8 +152,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, ContractError)
         status = getattr(exc, "status", None)
         retry_after = getattr(exc, "retry_after_s", None)
+        retryable = getattr(exc, "retryable_word", None)
         _count(request, exc.code)
-        return error_response(exc.code, exc.message, status, retry_after)
+        return error_response(exc.code, exc.message, status, retry_after, retryable)
 
     async def on_validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)

@@ -59,7 +59,8 @@ class RequestRejected(ContractError):
     """A request answered with an HTTP error before any stream starts.
 
     ``status`` overrides ``contracts.HTTP_STATUS`` where the contract names a different one
-    (413 for an oversized body, 409 for an ambiguous requestId).
+    (413 for an oversized body, 409 for an ambiguous requestId). ``retryable`` is the word of
+    whoever failed (a generation's error event); None: the code's default.
     """
 
     def __init__(
@@ -69,7 +70,9 @@ class RequestRejected(ContractError):
         *,
         status: int | None = None,
         retry_after_s: float | None = None,
+        retryable: bool | None = None,
     ) -> None:
         super().__init__(code, message)
         self.status = status
         self.retry_after_s = retry_after_s
+        self.retryable_word = retryable

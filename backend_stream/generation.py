@@ -17,9 +17,9 @@ from typing import Any
 
 import orjson
 
-from backend_stream.errors import BackendStreamError
+from backend_stream.errors import BackendStreamError, RequestRejected
 from backend_stream.store import GenKey
-from contracts import ContractError, ErrorCode, SseEvent, StreamStart
+from contracts import ErrorCode, SseEvent, StreamStart
 
 PING_FRAME = b": ping\n\n"
 
@@ -33,13 +33,20 @@ class Event:
     payload: dict[str, Any] | None = None  # start / end / error data, for non-SSE consumers
     retry_after_s: float | None = None  # error events of a rate-limited model
 
-    def as_error(self) -> ContractError:
+    def as_error(self) -> RequestRejected:
+        """This error event as the HTTP refusal of a request that had no stream yet."""
         data = self.payload or {}
         try:
             code = ErrorCode(str(data.get("code")))
         except ValueError:
             code = ErrorCode.INTERNAL
-        return ContractError(code, str(data.get("message", "generation failed")))
+        retryable = data.get("retryable")
+        return RequestRejected(
+            code,
+            str(data.get("message", "generation failed")),
+            retry_after_s=self.retry_after_s,
+            retryable=retryable if isinstance(retryable, bool) else None,
+        )
 
 
 def frame(kind: SseEvent, data: bytes, event_id: int | None = None) -> bytes:

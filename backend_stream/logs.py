@@ -5,28 +5,17 @@ Never log message content or the service token: only ids, codes, counts and timi
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import structlog
 
+from contracts import logs
+
 
 def configure_logging(level: str) -> None:
-    """JSON to stdout at ``level``, for structlog and the standard library (uvicorn) alike."""
-    numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
-    logging.basicConfig(stream=sys.stdout, level=numeric, format="%(message)s", force=True)
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
-        cache_logger_on_first_use=True,
-    )
+    """JSON lines on stdout at ``level``, for structlog and the standard library (uvicorn,
+    redis) alike, repeated failures throttled (contracts/logs.py)."""
+    logs.configure(level, sys.stdout)
 
 
 def bind_request(

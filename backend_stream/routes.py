@@ -132,9 +132,14 @@ async def complete_message(request: Request) -> Response:
     await _raise_if_failed(att, svc)
     terminal = await _wait_terminal(svc, att, received_at)
     if terminal.kind is not SseEvent.END or terminal.payload is None:
-        err = terminal.as_error()
-        raise RequestRejected(err.code, err.message, retry_after_s=terminal.retry_after_s)
-    payload = {**terminal.payload, "requestId": att.start.request_id, "roomId": att.start.room_id}
+        raise terminal.as_error()
+    start = att.start
+    payload = {
+        **terminal.payload,
+        "requestId": start.request_id,
+        "roomId": start.room_id,
+        "userMessageId": start.user_message_id,
+    }
     body = CompleteResponse.model_validate(payload).wire()
     return Response(orjson.dumps(body), media_type="application/json")
 
@@ -253,12 +258,9 @@ async def _raise_if_failed(att: Attachment, svc: Services) -> None:
         except TimeoutError:
             return
         if gen.terminal is not None and gen.terminal.kind is SseEvent.ERROR and not gen.opened:
-            err = gen.terminal.as_error()
-            raise RequestRejected(err.code, err.message, retry_after_s=gen.terminal.retry_after_s)
+            raise gen.terminal.as_error()
     elif gen is None and att.state is GenState.FAILED:
-        event = payload_event(SseEvent.ERROR, orjson.loads(att.meta.get("error") or "{}"))
-        err = event.as_error()
-        raise RequestRejected(err.code, err.message)
+        raise payload_event(SseEvent.ERROR, orjson.loads(att.meta.get("error") or "{}")).as_error()
 
 
 async def _wait_terminal(svc: Services, att: Attachment, received_at: float) -> Event:

@@ -11,13 +11,13 @@ from __future__ import annotations
 # with a retryable code, or when it is "running" but its owner's lease has lapsed (that replica
 # died): a retry must not attach to a generation nobody runs.
 # KEYS: meta, request index, room history, character, lease.
-# ARGV: ttl, userId, history N, history cap, user message JSON, lease ms, then the new record's
-# field/value pairs.
+# ARGV: ttl, userId, history N, history cap, user message JSON, lease ms, history ttl, then the
+# new record's field/value pairs. Storing the user message refreshes the history's idle expiry.
 CLAIM = """
 local state = redis.call('HGET', KEYS[1], 'state')
 local outcome
 if not state then
-  redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+  redis.call('HSET', KEYS[1], unpack(ARGV, 8))
   redis.call('EXPIRE', KEYS[1], ARGV[1])
   redis.call('SADD', KEYS[2], ARGV[2])
   redis.call('EXPIRE', KEYS[2], ARGV[1])
@@ -40,6 +40,7 @@ end
 if outcome == 'new' then
   redis.call('RPUSH', KEYS[3], ARGV[5])
   redis.call('LTRIM', KEYS[3], -tonumber(ARGV[4]), -1)
+  redis.call('EXPIRE', KEYS[3], ARGV[7])
 end
 local prompt = redis.call('HGET', KEYS[4], 'systemPrompt') or ''
 return {outcome, redis.call('HGETALL', KEYS[1]), history, prompt}
@@ -50,7 +51,7 @@ return {outcome, redis.call('HGETALL', KEYS[1]), history, prompt}
 # finished generation the assistant message stored.
 # KEYS: meta, buffer, room history, lease.
 # ARGV: attempt, entry id, 'end' | 'error', data JSON, buffer ttl, record ttl, retryable,
-# retry-after, assistant message JSON ('' for none), history cap.
+# retry-after, assistant message JSON ('' for none), history cap, history ttl.
 FINISH = """
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
 if ARGV[8] ~= '' then
@@ -69,6 +70,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[6])
 if ARGV[9] ~= '' then
   redis.call('RPUSH', KEYS[3], ARGV[9])
   redis.call('LTRIM', KEYS[3], -tonumber(ARGV[10]), -1)
+  redis.call('EXPIRE', KEYS[3], ARGV[11])
 end
 redis.call('DEL', KEYS[4])
 return 1

@@ -24,6 +24,7 @@ DEFAULT_OPENAI_MAX_RETRIES = 0
 DEFAULT_MAX_OUTPUT_TOKENS = 512
 DEFAULT_HISTORY_MESSAGES = 10
 DEFAULT_HISTORY_CAP = 200
+DEFAULT_HISTORY_TTL_S = 30 * 86_400  # an idle room's history expires after 30 days
 DEFAULT_FLUSH_WINDOW_MS = 30.0
 DEFAULT_FIRST_TOKEN_TIMEOUT_S = 30.0
 DEFAULT_IDLE_TIMEOUT_S = 30.0
@@ -81,6 +82,7 @@ class Settings:
     max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS
     history_messages: int = DEFAULT_HISTORY_MESSAGES
     history_cap: int = DEFAULT_HISTORY_CAP
+    history_ttl_s: int = DEFAULT_HISTORY_TTL_S
     flush_window_ms: float = DEFAULT_FLUSH_WINDOW_MS
     max_content_chars: int = DEFAULT_MAX_CONTENT_CHARS
     max_body_bytes: int = MIN_MAX_BODY_BYTES
@@ -100,7 +102,13 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
         """Build settings from an environment mapping; raise ``SettingsError`` on bad values."""
         env = _Env(environ)
-        token = environ.get("BACKEND_TOKEN") or ""
+        token = (environ.get("BACKEND_TOKEN") or "").strip()
+        insecure = env.flag("BACKEND_INSECURE_DEV_TOKEN", False)
+        if token in ("", DEV_BACKEND_TOKEN) and not insecure:
+            raise SettingsError(
+                "set BACKEND_TOKEN to the service token the bridge sends (the development "
+                "default is refused unless BACKEND_INSECURE_DEV_TOKEN=1)"
+            )
         max_chars = env.integer("MAX_CONTENT_CHARS", DEFAULT_MAX_CONTENT_CHARS)
         default_body = max(
             MIN_MAX_BODY_BYTES, max_chars * BODY_BYTES_PER_CHAR + BODY_OVERHEAD_BYTES
@@ -108,7 +116,7 @@ class Settings:
         return cls(
             redis_url=environ.get("REDIS_URL") or None,
             backend_token=token or DEV_BACKEND_TOKEN,
-            token_is_default=not token,
+            token_is_default=token in ("", DEV_BACKEND_TOKEN),
             provider=env.choice("PROVIDER", ProviderName, DEFAULT_PROVIDER),
             scripted=ScriptedSettings(
                 ttft_ms=env.number("SCRIPTED_TTFT_MS", DEFAULT_SCRIPTED_TTFT_MS),
@@ -125,6 +133,7 @@ class Settings:
             max_output_tokens=env.integer("MAX_OUTPUT_TOKENS", DEFAULT_MAX_OUTPUT_TOKENS, low=1),
             history_messages=env.integer("HISTORY_MESSAGES", DEFAULT_HISTORY_MESSAGES),
             history_cap=env.integer("HISTORY_CAP", DEFAULT_HISTORY_CAP, low=1),
+            history_ttl_s=env.integer("HISTORY_TTL_S", DEFAULT_HISTORY_TTL_S, low=60),
             flush_window_ms=env.number("FLUSH_WINDOW_MS", DEFAULT_FLUSH_WINDOW_MS),
             max_content_chars=max_chars,
             max_body_bytes=env.integer("MAX_BODY_BYTES", default_body, low=1024),

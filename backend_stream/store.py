@@ -7,7 +7,8 @@ Keys (ids use a safe alphabet without ``/``, so ``/`` joins them unambiguously):
   terminal entry (end/error) follows the last chunk. Explicit ids make "after seq N" an XREAD from
   ``N+1-0``, and a second writer impossible (Redis refuses a smaller id).
 - ``bs:req:{requestId}``  set of userIds: resolves resume/cancel calls that carry no userId.
-- ``bs:room:{roomId}:messages``  list of ChatMessage JSON, oldest first, capped (LTRIM).
+- ``bs:room:{roomId}:messages``  list of ChatMessage JSON, oldest first, capped (LTRIM); it
+  expires ``history_ttl_s`` after the last message stored (an idle room's history goes away).
 - ``bs:character:{characterId}``  hash, optional ``systemPrompt`` set by operators.
 - ``bs:lease:{userId}/{requestId}``  string with a TTL, refreshed by the replica running the
   generation: a "running" record without it belongs to a replica that died (see scripts.CLAIM).
@@ -30,6 +31,7 @@ from contracts import ChatMessage
 
 CANCEL_CHANNEL = "bs:cancel"
 DEFAULT_LEASE_MS = 10_000
+DEFAULT_HISTORY_TTL_S = 30 * 86_400
 
 
 class GenState(StrEnum):
@@ -121,12 +123,14 @@ class GenerationStore:
         buffer_ttl_s: int,
         idempotency_ttl_s: int,
         history_cap: int,
+        history_ttl_s: int = DEFAULT_HISTORY_TTL_S,
         lease_ms: int = DEFAULT_LEASE_MS,
     ) -> None:
         self.redis = redis
         self._buffer_ttl_s = buffer_ttl_s
         self._idem_ttl_s = idempotency_ttl_s
         self._history_cap = history_cap
+        self._history_ttl_s = history_ttl_s
         self.lease_ms = lease_ms
         self._claim = redis.register_script(scripts.CLAIM)
         self._finish = redis.register_script(scripts.FINISH)
@@ -158,6 +162,7 @@ class GenerationStore:
                 self._history_cap,
                 orjson.dumps(user_message.wire()),
                 self.lease_ms,
+                self._history_ttl_s,
                 *flat,
             ],
         )
@@ -281,6 +286,7 @@ class GenerationStore:
                 "" if retry_after_s is None else f"{retry_after_s:g}",
                 orjson.dumps(assistant.wire()) if assistant is not None else "",
                 self._history_cap,
+                self._history_ttl_s,
             ],
         )
         return bool(res)

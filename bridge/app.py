@@ -15,6 +15,9 @@ from typing import Any
 import structlog
 import uvicorn
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from bridge.auth import Authenticator
@@ -32,11 +35,18 @@ from contracts.aio import cancel_and_wait
 log = structlog.get_logger("bridge.app")
 
 HEARTBEAT_INTERVAL_S = 5.0
+HEARTBEAT_RETRY_S = 0.5
 REDIS_MAX_CONNECTIONS = 64
 REDIS_WARM_CONNECTIONS = 16
 REDIS_TIMEOUT_S = 5.0
 GRACEFUL_SHUTDOWN_S = 5
 STOP_TASKS_TIMEOUT_S = 5.0
+# A pooled connection that Redis closed (a restart, a failover) fails its next command: that
+# command is retried on a new connection instead of failing a user's message (issue 7). Only
+# connection errors: after a timeout the command may have run.
+REDIS_RETRY = Retry(
+    ExponentialWithJitterBackoff(base=0.02, cap=0.2), 2, supported_errors=(RedisConnectionError,)
+)
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -58,6 +68,7 @@ class Bridge:
             timeout=REDIS_TIMEOUT_S,
             socket_timeout=REDIS_TIMEOUT_S,
             socket_connect_timeout=REDIS_TIMEOUT_S,
+            retry=REDIS_RETRY,
         )
         self.redis: Redis = Redis(connection_pool=pool)
         self.upstream = HttpUpstream(
@@ -77,6 +88,7 @@ class Bridge:
             cors_origins=settings.cors_origins,
             on_connect=lambda sid, environ, a: self.handlers.connect(sid, environ, a),
             on_disconnect=lambda sid: self.handlers.disconnect(sid),
+            on_resubscribed=self._redis_came_back,
         )
         self.rooms = RoomRegistry(
             self.redis,
@@ -84,6 +96,7 @@ class Bridge:
             inflight_ttl_s=int(settings.timeouts.total_s) + 60,
             rate_limit=settings.rate_limit,
             rate_window_s=settings.rate_window_s,
+            room_ttl_s=settings.room_ttl_s,
         )
         self._handlers = ChatHandlers(
             settings=settings, auth=auth, rooms=self.rooms, flags=self.flags,
@@ -93,6 +106,7 @@ class Bridge:
         self.metrics.bind(sockets=self.server.connected, kicks=lambda: self.server.kicks)
         self._background: list[asyncio.Task[None]] = []
         self._redis_ok = False
+        self._beat_now = asyncio.Event()
         self._uvicorn: uvicorn.Server | None = None
 
     @property
@@ -106,7 +120,9 @@ class Bridge:
             self._uvicorn.should_exit = True
 
     def ready(self) -> bool:
-        return self.flags.loaded and self._redis_ok
+        """Flags loaded, the last heartbeat written (presence re-asserted: after a Redis restart
+        the rooms' host sets are back) and the subscription to the other replicas held."""
+        return self.flags.loaded and self._redis_ok and self.server.subscribed()
 
     async def start(self) -> None:
         try:
@@ -136,9 +152,23 @@ class Bridge:
         await self.upstream.aclose()
         await self.redis.aclose()
 
+    def _redis_came_back(self) -> None:
+        # The subscription was lost and is back: Redis may be a new, empty server (a restart
+        # without persistence, a failover), without this replica's heartbeat and room presence.
+        # Not ready, and a heartbeat now; until it lands the other replicas would take this
+        # one for dead and stop sending it their rooms' events.
+        self._redis_ok = False
+        self._beat_now.set()
+
     async def _heartbeat_forever(self) -> None:
         while True:
-            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+            # after a failure, soon again: a Redis that came back empty gets presence back
+            interval = HEARTBEAT_INTERVAL_S if self._redis_ok else HEARTBEAT_RETRY_S
+            try:
+                await asyncio.wait_for(self._beat_now.wait(), interval)
+            except TimeoutError:
+                pass
+            self._beat_now.clear()
             try:
                 await self.rooms.heartbeat()
                 self._redis_ok = True
@@ -164,7 +194,9 @@ class Bridge:
             await _reply(send, 200, b'{"status":"ok"}')
         elif path == "/readyz":
             ok = self.ready()
-            body = json.dumps({"ready": ok, "redis": self._redis_ok}).encode()
+            body = json.dumps(
+                {"ready": ok, "redis": self._redis_ok, "subscribed": self.server.subscribed()}
+            ).encode()
             await _reply(send, 200 if ok else 503, body)
         elif path == "/metrics":
             await _reply(send, 200, self.metrics.render(), "text/plain; version=0.0.4")
@@ -181,6 +213,7 @@ class Bridge:
             port=port,
             lifespan="off",
             interface="asgi3",
+            log_config=None,  # its records go through the root's JSON handler (contracts/logs.py)
             access_log=False,
             log_level="warning",
             http="httptools",

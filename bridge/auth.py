@@ -33,6 +33,7 @@ class AuthError(Exception):
 class Identity:
     user_id: str
     roles: frozenset[str]
+    expires_at: float | None = None  # the token's ``exp`` (epoch s): the connection ends then
 
 
 def make_token(secret: str, user_id: str, *, roles: Iterable[str] = (), ttl_s: int = 3600) -> str:
@@ -97,4 +98,4 @@ class Authenticator:
             raise AuthError("invalid token") from None
         if not _valid_id(claims.get("sub")):
             raise AuthError("invalid token subject")
-        return Identity(claims["sub"], _roles(claims.get("roles")))
+        return Identity(claims["sub"], _roles(claims.get("roles")), float(claims["exp"]))

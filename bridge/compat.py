@@ -1,6 +1,6 @@
 """Every python-socketio / python-engineio internal the bridge uses, and nothing else.
 
-The bridge overrides three private methods of ``socketio.AsyncServer`` and one of
+The bridge overrides three private methods of ``socketio.AsyncServer`` and three of
 ``socketio.AsyncRedisManager``, and reads a few private attributes (why each is needed is said
 where it is used, bridge/sio.py). They are not API: pyproject.toml bounds both libraries from
 above, and tests/bridge/test_compat.py checks every name and signature listed in ``OVERRIDDEN``
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import socketio
@@ -36,7 +36,12 @@ OVERRIDDEN: tuple[tuple[type, str, tuple[str, ...]], ...] = (
     (socketio.AsyncServer, "_send_eio_packet", ("self", "eio_sid", "eio_pkt")),
     (socketio.AsyncRedisManager, "_handle_emit", ("self", "message")),
     (socketio.AsyncRedisManager, "_publish", ("self", "data")),
+    (socketio.AsyncRedisManager, "_redis_listen_with_retries", ("self",)),
 )
+# The manager's pub/sub listener retries at once, then backs off to this (python-socketio's
+# own doubles to 60 s: after a Redis restart, events between replicas stayed lost that long).
+LISTEN_RETRY_FIRST_S = 0.1
+LISTEN_RETRY_MAX_S = 2.0
 
 
 class Manager(socketio.AsyncRedisManager):  # type: ignore[misc]
@@ -44,6 +49,10 @@ class Manager(socketio.AsyncRedisManager):  # type: ignore[misc]
     ``on_remote_emit`` (the bridge's own local fan-out) instead of one task per recipient."""
 
     on_remote_emit: RemoteEmit
+    subscribed = False  # whether the pub/sub listener holds its subscription (readiness)
+    # called when the listener subscribed again after losing Redis (which may be a new, empty
+    # server: the bridge re-asserts its presence before it calls itself ready again)
+    on_resubscribed: Callable[[], None] | None = None
 
     async def _handle_emit(self, message: dict[str, Any]) -> None:
         data, room, event = message.get("data"), message.get("room"), message.get("event")
@@ -60,6 +69,35 @@ class Manager(socketio.AsyncRedisManager):  # type: ignore[misc]
             self.on_remote_emit(room, event, data[0])
             return
         await super()._handle_emit(message)
+
+    async def _redis_listen_with_retries(self) -> AsyncIterator[Any]:
+        # python-socketio's loop, with a short capped back-off (and its ``_redis_connect``,
+        # ``pubsub`` and ``channel``). The first failure's log is python-socketio's; the
+        # bridge's logging throttles repeats (bridge/logs.py).
+        sleep_s = LISTEN_RETRY_FIRST_S
+        subscribed = lost = False
+        while True:
+            try:
+                if not subscribed:
+                    self._redis_connect()
+                    await self.pubsub.subscribe(self.channel)
+                    subscribed = self.subscribed = True
+                    if lost and self.on_resubscribed is not None:
+                        self.on_resubscribed()
+                    sleep_s = LISTEN_RETRY_FIRST_S
+                    lost = False
+                async for message in self.pubsub.listen():
+                    yield message
+            except Exception as exc:  # python-socketio's own catch: the listener never exits
+                self._get_logger().error(
+                    "Cannot receive from redis... retrying in %s secs",
+                    sleep_s,
+                    extra={"redis_exception": type(exc).__name__},
+                )
+                subscribed = self.subscribed = False
+                lost = True
+                await asyncio.sleep(sleep_s)
+                sleep_s = min(sleep_s * 2, LISTEN_RETRY_MAX_S)
 
     async def publish_emit(self, room: str, event: str, payload: Payload) -> None:
         """An emit for ``room`` on the other replicas, in python-socketio's queue format."""

@@ -29,9 +29,16 @@ class BridgeError(Exception):
 
 
 class UpstreamError(BridgeError):
-    """The backend could not be used; ``code`` is what the room is told."""
+    """The backend could not be used; ``code`` is what the room is told.
+
+    ``retryable`` is the backend's own word when the backend reported the failure (an ``error``
+    event, an error body), else None and the code's default applies (CONTRACT.md section 1,
+    ``ai_message_error``). ``retry_after_ms`` comes from the backend's ``Retry-After``.
+    """
 
     code: ErrorCode = ErrorCode.BACKEND_FAILED
+    retryable: bool | None = None
+    retry_after_ms: int | None = None
 
     def __init__(self, message: str, *, code: ErrorCode | None = None) -> None:
         super().__init__(message)
@@ -59,9 +66,19 @@ class UpstreamProtocolError(UpstreamError):
 class UpstreamHttpError(UpstreamError):
     """A non-2xx reply; ``status`` and the backend's own code are kept."""
 
-    def __init__(self, status: int, code: ErrorCode, message: str) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: ErrorCode,
+        message: str,
+        *,
+        retryable: bool | None = None,
+        retry_after_ms: int | None = None,
+    ) -> None:
         super().__init__(message, code=code)
         self.status = status
+        self.retryable = retryable
+        self.retry_after_ms = retry_after_ms
 
     @property
     def refused(self) -> bool:
@@ -104,6 +121,19 @@ def code_for_status(status: int) -> ErrorCode:
     return STATUS_CODES.get(status, ErrorCode.BACKEND_FAILED)
 
 
+MAX_RETRY_AFTER_S = 86_400 * 2
+
+
+def retry_after_ms(header: str | None) -> int | None:
+    """``Retry-After`` in ms: delta-seconds, or None when absent, an HTTP date or malformed."""
+    if header is None:
+        return None
+    value = header.strip()
+    if not value.isdigit() or len(value) > 9:
+        return None
+    return min(int(value), MAX_RETRY_AFTER_S) * 1000
+
+
 @contextmanager
 def translating(what: str) -> Iterator[None]:
     """Map httpx / httpx-sse / aiohttp / asyncio errors raised inside into the tree, most
@@ -136,6 +166,8 @@ def translating(what: str) -> Iterator[None]:
 
 class UpstreamFailed(UpstreamError):
     """The stream's own ``event: error``: the generation failed after it started."""
+
+    retryable: bool
 
     def __init__(self, code: ErrorCode, message: str, *, retryable: bool) -> None:
         super().__init__(message, code=code)

@@ -8,6 +8,7 @@ task acks when the backend's stream opens (or the fallback request is sent).
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 import uuid
@@ -37,6 +38,7 @@ from contracts import (
     LeaveRoom,
     Path,
     SendMessage,
+    ServerEvent,
     WireModel,
     check_content,
     parse,
@@ -85,6 +87,7 @@ class ChatHandlers:
         self._identities: dict[str, Identity] = {}
         self._relays: dict[tuple[str, str], _Active] = {}
         self._followers: dict[str, int] = {}
+        self._expiry: dict[str, asyncio.TimerHandle] = {}
 
     @property
     def server(self) -> SocketServer:
@@ -105,14 +108,34 @@ class ChatHandlers:
 
     async def connect(self, sid: str, environ: dict[str, Any], auth: object) -> None:
         try:
-            self._identities[sid] = self._auth.identify(auth, environ)
+            ident = self._identities[sid] = self._auth.identify(auth, environ)
         except AuthError as exc:
             self._metrics.rejections.labels(code=ErrorCode.UNAUTHORIZED.value).inc()
             raise Refused(ErrorCode.UNAUTHORIZED.value, str(exc)) from None
+        if ident.expires_at is not None:
+            # CONTRACT.md "Connecting": exp holds for the whole connection. One timer per
+            # socket, set once: nothing per event.
+            delay_s = max(0.0, ident.expires_at - time.time())
+            loop = asyncio.get_running_loop()
+            self._expiry[sid] = loop.call_later(delay_s, self._expire, sid)
+
+    def _expire(self, sid: str) -> None:
+        """The token's exp passed: say so, then disconnect. Relays started by this socket go on
+        (they belong to the room); a rejoin with a fresh token is replayed what is in flight."""
+        self._expiry.pop(sid, None)
+        if sid not in self._identities:
+            return
+        self._metrics.expired_sessions.inc()
+        log.info("session_expired", sid=sid)
+        self.server.emit_to(sid, ServerEvent.SESSION_EXPIRED, payloads.session_expired())
+        self.server.spawn(self.server.disconnect(sid))
 
     async def disconnect(self, sid: str) -> None:
         self._identities.pop(sid, None)
         self._followers.pop(sid, None)
+        timer = self._expiry.pop(sid, None)
+        if timer is not None:
+            timer.cancel()
         # Still in its rooms here: python-socketio removes it after this handler returns.
         emptied = [r for r in self.server.rooms_of(sid) if self.server.local_members(r) <= 1]
         if emptied:
@@ -206,8 +229,7 @@ class ChatHandlers:
             request_id = msg.request_id or uuid.uuid4().hex
             check_content(msg.content, self._settings.max_content_chars)
             await self._enter(sid, ident, msg.room_id)
-            if not await self._rooms.allow_message(ident.user_id):
-                raise PayloadError(ErrorCode.RATE_LIMITED, "too many messages, slow down")
+            retry_after_ms = await self._rooms.rate_limited(ident.user_id)
         except ContractError as exc:
             return self._reject(ack, request_id, exc.code, exc.message)
         except PayloadError as exc:
@@ -215,6 +237,11 @@ class ChatHandlers:
         except StoreError:
             # Redis down or its pool exhausted under load: an expected, retryable condition.
             return self._reject(ack, request_id, ErrorCode.BACKEND_UNAVAILABLE, STORE_BUSY)
+        if retry_after_ms is not None:
+            return self._reject(
+                ack, request_id, ErrorCode.RATE_LIMITED, "too many messages, slow down",
+                retry_after_ms,
+            )  # fmt: skip
         request = ChatRequest(
             request_id=request_id, room_id=msg.room_id, user_id=ident.user_id,
             content=msg.content, character_id=msg.character_id,
@@ -352,7 +379,14 @@ class ChatHandlers:
         self._metrics.rejections.labels(code=code.value).inc()
         ack(payloads.error_ack(code, message))
 
-    def _reject(self, ack: AckFn, request_id: str | None, code: ErrorCode, message: str) -> None:
+    def _reject(
+        self,
+        ack: AckFn,
+        request_id: str | None,
+        code: ErrorCode,
+        message: str,
+        retry_after_ms: int | None = None,
+    ) -> None:
         self._metrics.rejections.labels(code=code.value).inc()
         log.info("send_rejected", code=code.value, requestId=request_id)
-        ack(payloads.rejected(request_id, code, message))
+        ack(payloads.rejected(request_id, code, message, retry_after_ms))

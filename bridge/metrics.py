@@ -41,6 +41,9 @@ class Metrics:
         self.duplicates = Counter(
             "bridge_duplicate_chunks_total", "duplicate seq dropped", registry=r
         )
+        self.expired_sessions = Counter(
+            "bridge_expired_sessions_total", "sockets disconnected at their token's exp", registry=r
+        )
         self.active = Gauge("bridge_active_streams", "relays in progress", registry=r)
         self.sockets = Gauge("bridge_connected_sockets", "connected sockets", registry=r)
         self.kicks = Gauge(

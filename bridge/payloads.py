@@ -38,14 +38,19 @@ def accepted(request_id: str, room_id: str, message_id: str | None, path: Path) 
     }
 
 
-def rejected(request_id: str | None, code: ErrorCode, message: str) -> Payload:
-    return {
+def rejected(
+    request_id: str | None, code: ErrorCode, message: str, retry_after_ms: int | None = None
+) -> Payload:
+    payload: Payload = {
         "ok": False,
         "stage": "rejected",
         "requestId": request_id,
         "code": code.value,
         "message": message,
     }
+    if retry_after_ms is not None:
+        payload["retryAfterMs"] = retry_after_ms
+    return payload
 
 
 def error_ack(code: ErrorCode, message: str) -> Payload:
@@ -127,16 +132,28 @@ def end(
 
 
 def error(
-    request_id: str, room_id: str, message_id: str | None, code: ErrorCode, message: str
+    request_id: str,
+    room_id: str,
+    message_id: str | None,
+    code: ErrorCode,
+    message: str,
+    *,
+    retryable: bool | None = None,
+    retry_after_ms: int | None = None,
 ) -> Payload:
-    return {
+    """``ai_message_error``; ``retryable`` is the backend's word when it reported the failure
+    (None: the code's default)."""
+    payload: Payload = {
         "requestId": request_id,
         "roomId": room_id,
         "messageId": message_id,
         "code": code.value,
         "message": message,
-        "retryable": code.value in _RETRYABLE,
+        "retryable": code.value in _RETRYABLE if retryable is None else retryable,
     }
+    if retry_after_ms is not None:
+        payload["retryAfterMs"] = retry_after_ms
+    return payload
 
 
 def message_ack(
@@ -156,6 +173,13 @@ def message_ack(
         "ok": ok,
         "path": path.value,
         "code": code.value if code is not None else None,
+    }
+
+
+def session_expired() -> Payload:
+    return {
+        "code": ErrorCode.UNAUTHORIZED.value,
+        "message": "token expired: reconnect with a fresh token",
     }
 
 

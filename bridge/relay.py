@@ -130,7 +130,7 @@ class Relay:
             return await self._fallback(UpstreamTimeout("open stream: timed out"), "open_failed")
         except UpstreamHttpError as exc:
             if exc.refused:
-                return self._reject(exc.code, exc.message)
+                return self._reject(exc)
             return await self._fallback(exc, "open_failed")
         except UpstreamError as exc:
             return await self._fallback(exc, "open_failed")
@@ -302,11 +302,12 @@ class Relay:
 
     async def _fallback(self, cause: UpstreamError, reason: str) -> Outcome:
         if isinstance(cause, UpstreamFailed) and not cause.retryable:
-            return await self._fail(cause.code, cause.message, reason)
+            return await self._fail(cause, reason)
         remaining = self._deadline - self._clock()
-        if not self.job.fallback or remaining <= 0:
-            code = cause.code if remaining > 0 else ErrorCode.STREAM_TIMEOUT
-            return await self._fail(code, cause.message, reason)
+        if remaining <= 0:
+            return await self._fail(UpstreamTimeout(cause.message), reason)
+        if not self.job.fallback:
+            return await self._fail(cause, reason)
         log.info("relay_fallback", reason=reason, cause=type(cause).__name__)
         self._path = Path.FALLBACK
         self._accept(self.message_id)  # "or when the fallback request was sent"
@@ -314,22 +315,28 @@ class Relay:
             body = await self._upstream.complete(self.job.request, self.job.traceparent, remaining)
         except UpstreamError as exc:
             log.info("relay_fallback_failed", cause=type(exc).__name__)
-            return await self._fail(cause.code, cause.message, reason)
+            return await self._fail(cause, reason)
         if not self.announced:
-            await self._start(body.message_id, _user_message_id(self.request_id))
+            await self._start(body.message_id, body.user_message_id)
         seen = "".join(self.parts)
         if body.content.startswith(seen) and len(body.content) > len(seen):
             await self._chunk(body.content[len(seen) :])
         outcome = await self._end(body)
         return Outcome(**{**outcome.__dict__, "reason": f"fallback:{reason}"})
 
-    async def _fail(self, code: ErrorCode, message: str, reason: str) -> Outcome:
+    async def _fail(self, cause: UpstreamError, reason: str) -> Outcome:
+        """Both paths failed: the room is told ``cause`` (the first failure), in the backend's
+        words where the backend reported it (``retryable``, ``Retry-After``)."""
         if self._accepted_at is None:
-            return self._reject(code, message)
+            return self._reject(cause)
+        code = cause.code
         await self._sink.room(
             "ai_message_error",
-            payloads.error(self.request_id, self.room_id, self.message_id, code, message),
-        )
+            payloads.error(
+                self.request_id, self.room_id, self.message_id, code, cause.message,
+                retryable=cause.retryable, retry_after_ms=cause.retry_after_ms,
+            ),
+        )  # fmt: skip
         self._sink.sender(
             "message_ack",
             payloads.message_ack(
@@ -347,10 +354,12 @@ class Relay:
         self._accepted_at = self._clock()
         self._sink.ack(payloads.accepted(self.request_id, self.room_id, message_id, Path.STREAM))
 
-    def _reject(self, code: ErrorCode, message: str) -> Outcome:
+    def _reject(self, cause: UpstreamError) -> Outcome:
         self._accepted_at = self._clock()
-        self._sink.ack(payloads.rejected(self.request_id, code, message))
-        return self._outcome(ok=False, code=code, reason="rejected", rejected=True)
+        self._sink.ack(
+            payloads.rejected(self.request_id, cause.code, cause.message, cause.retry_after_ms)
+        )
+        return self._outcome(ok=False, code=cause.code, reason="rejected", rejected=True)
 
     def _user_message(self, user_message_id: str) -> Payload:
         req = self.job.request
@@ -382,8 +391,3 @@ class Relay:
             total_ms=self._ms(self._clock()),
             rejected=rejected,
         )
-
-
-def _user_message_id(request_id: str) -> str:
-    """The user message's id when the backend never sent ``start`` (its JSON reply lacks it)."""
-    return f"u:{request_id}"[:128]

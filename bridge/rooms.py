@@ -10,6 +10,11 @@ Keys (all under ``bridge:``):
 - ``host:{hostId}``           heartbeat of a replica (expires when it dies).
 - ``rate:{userId}:{window}``  fixed-window counter of send_message per user.
 
+Every key expires, so Redis does not grow with the rooms ever used: an owner ``room_ttl_s`` after
+the room's last join or send (refreshed by those, and by the heartbeat while members stay
+connected here), a hosts set ``HOSTS_TTL_S`` after the last heartbeat of any replica in it, the
+in-flight hash after the longest generation, a rate window after its end.
+
 Every operation is one round trip (a pipeline or a script), none is on the per-chunk path, and
 the owner and this replica's presence are cached: a message to a room this socket already uses
 costs the rate limit and the in-flight record only.
@@ -18,6 +23,7 @@ costs the rate limit and the in-flight record only.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
@@ -31,9 +37,12 @@ from bridge.errors import StoreError
 
 PREFIX = "bridge:"
 HEARTBEAT_TTL_S = 15
+HOSTS_TTL_S = 4 * HEARTBEAT_TTL_S  # refreshed by every heartbeat of a replica in the room
+OWNER_REFRESH_MAX_S = 3600.0  # the heartbeat re-arms the owners of rooms in use at least this often
 OWNER_CACHE_MAX = 100_000
 
-# Claim the room for ARGV[1] unless owned; when ARGV[1] owns it, record this host's presence.
+# Claim the room for ARGV[1] unless owned; when ARGV[1] owns it, record this host's presence
+# and re-arm both keys' idle expiry (ARGV[3]: the owner's, ARGV[4]: the hosts set's).
 JOIN_SCRIPT = """
 local owner = redis.call('GET', KEYS[1])
 if not owner then
@@ -41,7 +50,9 @@ if not owner then
   owner = ARGV[1]
 end
 if owner == ARGV[1] then
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
   redis.call('SADD', KEYS[2], ARGV[2])
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
 end
 return owner
 """
@@ -80,12 +91,16 @@ class RoomRegistry:
         inflight_ttl_s: int,
         rate_limit: int,
         rate_window_s: int,
+        room_ttl_s: int,
     ) -> None:
         self._redis = redis
         self.host_id = host_id
         self._inflight_ttl_s = inflight_ttl_s
         self._rate_limit = rate_limit
         self._rate_window_s = rate_window_s
+        self._room_ttl_s = room_ttl_s
+        self._owner_refresh_s = min(OWNER_REFRESH_MAX_S, room_ttl_s / 4)
+        self._owners_refreshed_at = time.monotonic()
         self._owners: dict[str, str] = {}  # owners never change: cached, bounded
         self._present: set[str] = set()  # rooms whose hosts set holds this replica
         self._join = redis.register_script(JOIN_SCRIPT)
@@ -100,7 +115,11 @@ class RoomRegistry:
             return owner == user_id
         keys = [f"{PREFIX}room:{room_id}:owner", f"{PREFIX}room:{room_id}:hosts"]
         async with _store("join room"):
-            owner = str(await self._join(keys=keys, args=[user_id, self.host_id]))
+            owner = str(
+                await self._join(
+                    keys=keys, args=[user_id, self.host_id, self._room_ttl_s, HOSTS_TTL_S]
+                )
+            )
         if len(self._owners) >= OWNER_CACHE_MAX:
             self._owners.clear()
         self._owners[room_id] = owner
@@ -108,30 +127,44 @@ class RoomRegistry:
             self._present.add(room_id)
         return owner == user_id
 
-    async def allow_message(self, user_id: str) -> bool:
-        """Fixed-window rate limit per user, shared by every replica."""
+    async def rate_limited(self, user_id: str) -> int | None:
+        """Fixed-window rate limit per user, shared by every replica: None when this message
+        may go, else the ms until the window ends (the rejection's ``retryAfterMs``)."""
         if self._rate_limit <= 0:
-            return True
-        window = int(time.time() // self._rate_window_s)
+            return None
+        now = time.time()
+        window = int(now // self._rate_window_s)
         key = f"{PREFIX}rate:{user_id}:{window}"
         async with _store("rate limit"):
             pipe = self._redis.pipeline(transaction=False)
             pipe.incr(key)
             pipe.expire(key, self._rate_window_s + 1)
             count, _ = await pipe.execute()
-        return int(count) <= self._rate_limit
+        if int(count) <= self._rate_limit:
+            return None
+        return max(1, math.ceil(((window + 1) * self._rate_window_s - now) * 1000))
 
     # ---- presence -------------------------------------------------------------------------
 
     async def heartbeat(self) -> None:
         """Refresh this replica's liveness and re-assert its presence in every room it serves
-        (another replica drops a host from a room whose heartbeat it saw expire)."""
+        (another replica drops a host from a room whose heartbeat it saw expire), re-arming the
+        hosts sets' expiry; every ``_owner_refresh_s`` also the owners' (a room in use never
+        loses its owner, however long its members stay without sending)."""
+        now = time.monotonic()
+        owners = now - self._owners_refreshed_at >= self._owner_refresh_s
         async with _store("heartbeat"):
             pipe = self._redis.pipeline(transaction=False)
             pipe.set(f"{PREFIX}host:{self.host_id}", "1", ex=HEARTBEAT_TTL_S)
             for room_id in list(self._present):
-                pipe.sadd(f"{PREFIX}room:{room_id}:hosts", self.host_id)
+                hosts = f"{PREFIX}room:{room_id}:hosts"
+                pipe.sadd(hosts, self.host_id)
+                pipe.expire(hosts, HOSTS_TTL_S)
+                if owners:
+                    pipe.expire(f"{PREFIX}room:{room_id}:owner", self._room_ttl_s)
             await pipe.execute()
+        if owners:
+            self._owners_refreshed_at = now
 
     async def retire(self, rooms: list[str]) -> None:
         async with _store("retire"):
@@ -171,8 +204,9 @@ class RoomRegistry:
             pipe = self._redis.pipeline(transaction=False)
             pipe.hset(key, request_id, record)
             pipe.expire(key, self._inflight_ttl_s)
+            pipe.expire(f"{PREFIX}room:{room_id}:owner", self._room_ttl_s)
             pipe.smembers(f"{PREFIX}room:{room_id}:hosts")
-            _, _, hosts = await pipe.execute()
+            *_, hosts = await pipe.execute()
             return await self._any_alive(room_id, hosts)
 
     async def finish(self, room_id: str, request_id: str) -> None:

@@ -26,6 +26,7 @@ DEFAULT_CANCEL_TIMEOUT_S = 5.0
 DEFAULT_UPSTREAM_MAX_CONNECTIONS = 4000
 DEFAULT_RATE_LIMIT = 30
 DEFAULT_RATE_WINDOW_S = 60
+DEFAULT_ROOM_TTL_S = 30 * 86_400  # an unused room's owner record expires after 30 days
 DEFAULT_SOCKET_MAX_QUEUE = 1000
 DEFAULT_SOCKET_DRAIN_GRACE_S = 2.0
 DEFAULT_FLAGS_REFRESH_S = 0.5
@@ -79,6 +80,7 @@ class Settings:
     upstream_max_connections: int = DEFAULT_UPSTREAM_MAX_CONNECTIONS
     rate_limit: int = DEFAULT_RATE_LIMIT
     rate_window_s: int = DEFAULT_RATE_WINDOW_S
+    room_ttl_s: int = DEFAULT_ROOM_TTL_S
     max_content_chars: int = DEFAULT_MAX_CONTENT_CHARS
     socket_max_queue: int = DEFAULT_SOCKET_MAX_QUEUE
     socket_drain_grace_s: float = DEFAULT_SOCKET_DRAIN_GRACE_S
@@ -127,6 +129,7 @@ class Settings:
             ),
             rate_limit=env.integer("BRIDGE_RATE_LIMIT", DEFAULT_RATE_LIMIT, low=0),
             rate_window_s=env.integer("BRIDGE_RATE_WINDOW_S", DEFAULT_RATE_WINDOW_S, low=1),
+            room_ttl_s=env.integer("BRIDGE_ROOM_IDLE_TTL_S", DEFAULT_ROOM_TTL_S, low=60),
             max_content_chars=env.integer(
                 "BRIDGE_MAX_CONTENT_CHARS", DEFAULT_MAX_CONTENT_CHARS, low=1
             ),

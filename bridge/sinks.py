@@ -181,7 +181,7 @@ async def run_complete(
         server.emit_to(sid, "message_ack", ack_payload)
         return False, exc.code
     user = payloads.new_message(
-        room_id=room_id, message_id=f"u:{rid}"[:128], request_id=rid, role="user",
+        room_id=room_id, message_id=body.user_message_id, request_id=rid, role="user",
         content=request.content, user_id=request.user_id, character_id=request.character_id,
     )  # fmt: skip
     reply = payloads.new_message(
@@ -279,5 +279,8 @@ def _terminal(event: Any, item: InFlight, room_id: str) -> tuple[str, Payload]:
         end["messageId"] = item.message_id
         return "ai_message_end", end
     body = event.body
-    err = payloads.error(item.request_id, room_id, item.message_id, body.code, body.message)
+    err = payloads.error(
+        item.request_id, room_id, item.message_id, body.code, body.message,
+        retryable=body.retryable,
+    )  # fmt: skip
     return "ai_message_error", err

@@ -72,9 +72,11 @@ class SocketServer:
         cors_origins: tuple[str, ...],
         on_connect: ConnectHandler,
         on_disconnect: DisconnectHandler,
+        on_resubscribed: Callable[[], None] | None = None,
     ) -> None:
         self._manager = compat.Manager(redis_url, channel=channel)
         self._manager.on_remote_emit = self.emit_local
+        self._manager.on_resubscribed = on_resubscribed
         cors: str | list[str] | None = None
         if cors_origins:
             cors = "*" if "*" in cors_origins else list(cors_origins)
@@ -216,6 +218,11 @@ class SocketServer:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return task
+
+    def subscribed(self) -> bool:
+        """Whether events of the other replicas reach this one: the Redis subscription is held,
+        or not needed yet (python-socketio starts its listener with the first connection)."""
+        return self._manager.listener() is None or self._manager.subscribed
 
     async def shutdown(self) -> None:
         await cancel_and_wait(list(self.tasks), 5.0)

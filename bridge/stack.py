@@ -4,8 +4,11 @@ Embedded Redis, the backend as a child process (``python -m backend_stream``: th
 never import each other), the bridge in this process. Prints the URLs, a dev JWT and, once
 everything answers, one machine-readable line::
 
-    READY {"bridgeUrl": ..., "backendUrl": ..., "redisUrl": ..., "jwtSecret": ..., "token": ...,
-           "pageUrl": ...}
+    READY {"bridgeUrl": ..., "backendUrl": ..., "redisUrl": ..., "jwtSecret": ...,
+           "backendToken": ..., "token": ..., "pageUrl": ...}
+
+``backendToken`` is a fresh random service token per stack (the backend refuses the well-known
+development default unless told it is insecure); the load tester's ``--direct`` reads it here.
 
 ``pageUrl`` opens the try-it page (bridge/page.py) already connected with the dev JWT.
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import signal
 import subprocess
 import sys
@@ -30,7 +34,7 @@ import httpx
 
 from bridge.app import Bridge
 from bridge.auth import make_token
-from bridge.settings import DEV_BACKEND_TOKEN, DEV_JWT_SECRET, Settings
+from bridge.settings import DEV_JWT_SECRET, Settings
 from contracts.redis_server import EmbeddedRedis, free_port
 
 BACKEND_START_TIMEOUT_S = 30.0
@@ -73,7 +77,8 @@ def run_stack(host: str, port: int, environ: Mapping[str, str]) -> int:
     try:
         backend_port = free_port(host)
         backend_url = f"http://{host}:{backend_port}"
-        token = environ.get("BACKEND_TOKEN") or DEV_BACKEND_TOKEN
+        # A fresh service token per stack: the backend refuses the well-known dev default.
+        token = environ.get("BACKEND_TOKEN") or secrets.token_urlsafe(24)
         secret = environ.get("JWT_SECRET") or DEV_JWT_SECRET
         env = {**environ, "REDIS_URL": redis.url, "BACKEND_TOKEN": token}
         env.setdefault("PROVIDER", "scripted")
@@ -86,6 +91,7 @@ def run_stack(host: str, port: int, environ: Mapping[str, str]) -> int:
             "backendUrl": backend_url,
             "redisUrl": redis.url,
             "jwtSecret": secret,
+            "backendToken": token,
             "token": make_token(secret, DEV_USER, roles=["internal"], ttl_s=86_400),
         }
         info["pageUrl"] = f"{info['bridgeUrl']}/?token={info['token']}"  # JWTs are URL-safe

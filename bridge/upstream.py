@@ -32,6 +32,7 @@ from bridge.errors import (
     UpstreamHttpError,
     UpstreamProtocolError,
     code_for_status,
+    retry_after_ms,
     translating,
 )
 from bridge.settings import Timeouts
@@ -240,7 +241,7 @@ class HttpUpstream:
                     headers=_headers(traceparent, sse=False),
                 )
                 if response.status_code != 200:
-                    raise _http_error(response.status_code, response.content)
+                    raise _http_error(response, response.content)
                 return CompleteResponse.model_validate_json(response.content)
 
     async def cancel(self, request_id: str, user_id: str, traceparent: str) -> None:
@@ -252,7 +253,7 @@ class HttpUpstream:
                     headers=_headers(traceparent, sse=False),
                 )
                 if response.status_code != 200:
-                    raise _http_error(response.status_code, response.content)
+                    raise _http_error(response, response.content)
 
     async def _send_stream(self, req: httpx.Request, what: str) -> UpstreamStream:
         with translating(what):
@@ -262,7 +263,7 @@ class HttpUpstream:
                 if response.status_code != 200:
                     async with asyncio.timeout(self._timeouts.connect_s):
                         body = await _read_capped(response)
-                    raise _http_error(response.status_code, body)
+                    raise _http_error(response, body)
                 content_type = response.headers.get("content-type", "")
                 if not content_type.startswith("text/event-stream"):
                     raise UpstreamProtocolError(f"{what}: not an event stream")
@@ -289,9 +290,16 @@ async def _read_capped(response: httpx.Response) -> bytes:
     return bytes(body[:MAX_ERROR_BODY_BYTES])
 
 
-def _http_error(status: int, body: bytes) -> UpstreamHttpError:
+def _http_error(response: httpx.Response, body: bytes) -> UpstreamHttpError:
+    status = response.status_code
+    after_ms = retry_after_ms(response.headers.get("retry-after"))
     try:
         parsed = ErrorBody.model_validate_json(body)
-        return UpstreamHttpError(status, parsed.code, parsed.message)
     except ValueError:
-        return UpstreamHttpError(status, code_for_status(status), f"backend answered {status}")
+        code = code_for_status(status)
+        return UpstreamHttpError(
+            status, code, f"backend answered {status}", retry_after_ms=after_ms
+        )
+    return UpstreamHttpError(
+        status, parsed.code, parsed.message, retryable=parsed.retryable, retry_after_ms=after_ms
+    )

@@ -25,7 +25,7 @@ from contracts.base import (
     parse_json,
     utc_now_iso,
 )
-from contracts.errors import HTTP_STATUS, RETRYABLE, ContractError, ErrorCode
+from contracts.errors import HTTP_STATUS, RETRY_AFTER, RETRYABLE, ContractError, ErrorCode
 from contracts.events import (
     AiMessageChunk,
     AiMessageEnd,
@@ -47,12 +47,14 @@ from contracts.events import (
     SendMessage,
     SendRejected,
     ServerEvent,
+    SessionExpired,
 )
 
 __all__ = [
     "DEFAULT_MAX_CONTENT_CHARS",
     "HTTP_STATUS",
     "RETRYABLE",
+    "RETRY_AFTER",
     "AiMessageChunk",
     "AiMessageEnd",
     "AiMessageError",
@@ -84,6 +86,7 @@ __all__ = [
     "SendMessage",
     "SendRejected",
     "ServerEvent",
+    "SessionExpired",
     "SseEvent",
     "StreamChunk",
     "StreamEnd",

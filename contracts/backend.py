@@ -97,18 +97,24 @@ class StreamError(WireModel):
 
 
 class ErrorBody(WireModel):
-    """JSON body of every HTTP error of the backend."""
+    """JSON body of every HTTP error of the backend.
+
+    ``retryable`` is the backend's word on whether the same request may succeed later; absent,
+    the code's default (``contracts.RETRYABLE``) applies.
+    """
 
     code: ErrorCode
     message: str
+    retryable: bool | None = None
 
 
 class CompleteResponse(WireModel):
-    """Reply of ``POST /chat/messages``."""
+    """Reply of ``POST /chat/messages``; ``userMessageId`` is the stored user message's id."""
 
     request_id: Id
     room_id: Id
     message_id: Id
+    user_message_id: Id
     content: Text
     finish_reason: FinishReason
     usage: Usage = Field(default_factory=Usage)

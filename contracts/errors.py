@@ -22,6 +22,8 @@ class ErrorCode(StrEnum):
     STREAM_TIMEOUT = "STREAM_TIMEOUT"
     CANCELLED = "CANCELLED"
     INTERNAL = "INTERNAL"
+    BUDGET_EXCEEDED = "BUDGET_EXCEEDED"
+    ROOM_BUSY = "ROOM_BUSY"
 
 
 # HTTP status the backend answers with when a request fails before its stream starts
@@ -41,6 +43,8 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.STREAM_TIMEOUT: 504,
     ErrorCode.CANCELLED: 409,
     ErrorCode.INTERNAL: 500,
+    ErrorCode.BUDGET_EXCEEDED: 429,
+    ErrorCode.ROOM_BUSY: 429,
 }
 
 # Codes after which the same request may succeed if tried again.
@@ -53,7 +57,13 @@ RETRYABLE: frozenset[ErrorCode] = frozenset(
         ErrorCode.MODEL_ERROR,
         ErrorCode.STREAM_TIMEOUT,
         ErrorCode.INTERNAL,
+        ErrorCode.ROOM_BUSY,
     }
+)
+
+# Codes whose refusals carry ``retryAfterMs`` (socket) / ``Retry-After`` (HTTP).
+RETRY_AFTER: frozenset[ErrorCode] = frozenset(
+    {ErrorCode.RATE_LIMITED, ErrorCode.BUDGET_EXCEEDED, ErrorCode.ROOM_BUSY}
 )
 
 

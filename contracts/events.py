@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field
 
 from contracts.backend import BackendLatency, ChatMessage, FinishReason, Usage
-from contracts.base import Id, Seq, Text, WireModel
+from contracts.base import Id, NonNegativeInt, Seq, Text, WireModel
 from contracts.errors import ErrorCode
 
 
@@ -26,6 +26,7 @@ class ServerEvent(StrEnum):
     AI_MESSAGE_END = "ai_message_end"
     AI_MESSAGE_ERROR = "ai_message_error"
     MESSAGE_ACK = "message_ack"
+    SESSION_EXPIRED = "session_expired"
 
 
 class Path(StrEnum):
@@ -93,6 +94,7 @@ class SendRejected(WireModel):
     request_id: Id | None = None
     code: ErrorCode
     message: str
+    retry_after_ms: NonNegativeInt | None = None  # with RATE_LIMITED, BUDGET_EXCEEDED, ROOM_BUSY
 
 
 class ConnectErrorData(WireModel):
@@ -149,7 +151,15 @@ class AiMessageError(WireModel):
     message_id: Id | None = None
     code: ErrorCode
     message: str
-    retryable: bool
+    retryable: bool  # the backend's word when the backend reported it, else the code's default
+    retry_after_ms: NonNegativeInt | None = None
+
+
+class SessionExpired(WireModel):
+    """``session_expired``: the token's ``exp`` passed; the socket is disconnected next."""
+
+    code: Literal[ErrorCode.UNAUTHORIZED] = ErrorCode.UNAUTHORIZED
+    message: str
 
 
 class MessageAck(WireModel):

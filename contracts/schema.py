@@ -29,6 +29,7 @@ SOCKETIO_MESSAGES: list[tuple[str, str, type[WireModel]]] = [
     ("ai_message_end", "bridge->client", events.AiMessageEnd),
     ("ai_message_error", "bridge->client", events.AiMessageError),
     ("message_ack", "bridge->client", events.MessageAck),
+    ("session_expired", "bridge->client", events.SessionExpired),
 ]
 
 ACK_MODELS: list[type[WireModel]] = [

@@ -127,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run the bridge, then direct, same schedule; side by side",
     )
-    where.add_argument("--backend-token", default="dev-backend-token")
+    where.add_argument(
+        "--backend-token", default=None, help="service token for --direct (default: the stack's)"
+    )
     where.add_argument("--socketio-path", default="/socket.io/")
     auth = run.add_argument_group("identity")
     auth.add_argument("--jwt-secret", help="mint HS256 JWTs, one user per connection")

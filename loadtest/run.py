@@ -44,7 +44,7 @@ class LoadTestSettings:
     jwt_secret: str | None = None
     token_file: Path | None = None
     roles: tuple[str, ...] = ()
-    backend_token: str = DEFAULT_BACKEND_TOKEN
+    backend_token: str | None = None  # None: the stack's (--stack) or the dev token
     arrival: ArrivalKind = ArrivalKind.POISSON
     seed: int = 1
     users: int = 100
@@ -90,7 +90,7 @@ def _targets(settings: LoadTestSettings) -> list[Target]:
                 settings.direct_url,
                 SseSettings(
                     prompt=settings.prompt,
-                    backend_token=settings.backend_token,
+                    backend_token=settings.backend_token or DEFAULT_BACKEND_TOKEN,
                     connect_timeout_s=settings.connect_timeout_s,
                 ),
             )
@@ -147,6 +147,7 @@ async def execute(
                 direct_url=settings.direct_url
                 or (info.backend_url if settings.compare or settings.direct_url == "" else None),
                 jwt_secret=settings.jwt_secret or info.jwt_secret,
+                backend_token=settings.backend_token or info.backend_token,
             )
             return await _execute(resolved, out, err)
     if settings.direct_url == "":

@@ -1,7 +1,7 @@
 """Spawn the embedded stack (``python -m bridge stack``) so one command gives a full benchmark.
 
-The stack prints ``READY {"bridgeUrl", "backendUrl", "redisUrl", "jwtSecret"}`` once it is up; the
-scripted model's knobs reach it as environment (SCRIPTED_TTFT_MS, SCRIPTED_TOKENS_PER_S, ...).
+The stack prints ``READY {"bridgeUrl", "backendUrl", "redisUrl", "jwtSecret", "backendToken"}``
+once it is up; the scripted model's knobs reach it as environment (SCRIPTED_TTFT_MS, ...).
 Its output goes to a file, not a pipe, so a chatty stack can never block on a full pipe while the
 load test is busy.
 """
@@ -41,6 +41,7 @@ class StackInfo:
     backend_url: str
     redis_url: str
     jwt_secret: str
+    backend_token: str
 
 
 class EmbeddedStack:
@@ -106,6 +107,7 @@ class EmbeddedStack:
                     backend_url=data["backendUrl"],
                     redis_url=data.get("redisUrl", ""),
                     jwt_secret=data["jwtSecret"],
+                    backend_token=data["backendToken"],
                 )
         return None
 

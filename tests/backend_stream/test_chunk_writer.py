@@ -11,6 +11,7 @@ import pytest
 from redis.asyncio import Redis
 
 from backend_stream.chunk_writer import ChunkWriter
+from contracts.redis_server import EmbeddedRedis
 
 
 @pytest.fixture
@@ -48,3 +49,27 @@ async def test_a_failed_batch_fails_the_futures_waiting_on_it(redis: Redis) -> N
     with pytest.raises(Exception, match="smaller"):
         await asyncio.wait_for(refused, 5)
     await writer.aclose()
+
+
+async def test_a_connection_redis_closed_is_replaced_and_the_batch_still_written() -> None:
+    """A Redis restart: the writer's held connection is dead; the next batch goes out anyway
+    (before the fix it failed, and with it the generation: issue 7's fallback after restart)."""
+    with EmbeddedRedis() as server:
+        client = Redis.from_url(server.url, decode_responses=True)
+        writer = ChunkWriter(client)
+        writer.start()
+        try:
+            await asyncio.wait_for(writer.write("s", "1-0", "before"), 5)
+            server.stop()
+            server.start()
+            await asyncio.wait_for(writer.write("s", "2-0", "after"), 5)
+            entries: Any = await client.xrange("s")
+            assert [f["d"] for _, f in entries] == ["after"]  # the new server started empty
+            # a resend of an entry that did land is taken as written, not as a failure
+            await asyncio.wait_for(
+                writer._execute([("XADD", "s", "2-0", "d", "x")], resend=True), 5
+            )
+            assert await client.xlen("s") == 1
+        finally:
+            await writer.aclose()
+            await client.aclose()

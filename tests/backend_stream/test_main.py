@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import httpx
 import psutil
@@ -15,7 +17,10 @@ CANARY = "canary-content-5f1c9e"
 def test_launcher_starts_embedded_redis_and_stops_it_on_exit() -> None:
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     proc = ServerProcess.python_module("backend_stream", env={"SCRIPTED_TTFT_MS": "0"})
-    proc.env = {**env, "SCRIPTED_TTFT_MS": "0", "LOG_LEVEL": "INFO"}
+    proc.env = {
+        **env, "SCRIPTED_TTFT_MS": "0", "LOG_LEVEL": "INFO", "BACKEND_INSECURE_DEV_TOKEN": "1",
+    }  # fmt: skip
+    proc.env.pop("BACKEND_TOKEN", None)
     proc.start()
     try:
         assert proc.proc is not None
@@ -35,3 +40,14 @@ def test_launcher_starts_embedded_redis_and_stops_it_on_exit() -> None:
     assert not redis_children[0].is_running() or redis_children[0].status() == "zombie"
     assert "backend_token_default" in proc.output()
     assert CANARY not in proc.output()  # message content never logged
+
+
+def test_launcher_refuses_to_start_without_a_service_token() -> None:
+    """Issue 7: without BACKEND_TOKEN the backend accepted the well-known dev token."""
+    env = {k: v for k, v in os.environ.items() if k not in ("BACKEND_TOKEN", "REDIS_URL")}
+    done = subprocess.run(
+        [sys.executable, "-m", "backend_stream", "--port", "1"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "BACKEND_TOKEN" in done.stderr and "BACKEND_INSECURE_DEV_TOKEN" in done.stderr

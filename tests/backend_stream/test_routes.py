@@ -88,6 +88,21 @@ async def test_history_returns_user_and_assistant_messages_oldest_first(
     assert messages[0]["userId"] == payload["userId"]
     assert messages[1]["id"] == done["messageId"]
     assert messages[1]["content"] == done["content"]
+    # Issue 7: the complete reply names the stored user message too (new_message.id on the
+    # bridge's complete path and fallback)
+    assert messages[0]["id"] == done["userMessageId"]
+
+
+async def test_refusals_carry_retryable_and_rate_limits_retry_after(backend: Backend) -> None:
+    async with backend.client() as client:
+        limited = await client.post("/chat/messages/stream", json=body("x [[fail=429]]"))
+        empty = await client.post("/chat/messages/stream", json=body("   "))
+    assert limited.status_code == 429
+    assert int(limited.headers["retry-after"]) >= 1
+    assert limited.json() == {"code": "RATE_LIMITED", "message": limited.json()["message"],
+                              "retryable": True}  # fmt: skip
+    assert empty.status_code == 400
+    assert (empty.json()["code"], empty.json()["retryable"]) == ("EMPTY_MESSAGE", False)
 
 
 async def test_probes_and_metrics_need_no_token(backend: Backend) -> None:

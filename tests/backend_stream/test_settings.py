@@ -15,8 +15,15 @@ from backend_stream.settings import (
 from contracts import DEFAULT_MAX_CONTENT_CHARS
 
 
-def test_empty_environment_gives_the_embedded_dev_defaults() -> None:
-    settings = Settings.from_env({})
+def test_without_a_service_token_the_backend_refuses_to_start() -> None:
+    """Issue 7: a backend deployed without BACKEND_TOKEN accepted the well-known dev token."""
+    for env in ({}, {"BACKEND_TOKEN": DEV_BACKEND_TOKEN}, {"BACKEND_INSECURE_DEV_TOKEN": "0"}):
+        with pytest.raises(SettingsError, match="BACKEND_TOKEN"):
+            Settings.from_env(env)
+
+
+def test_empty_environment_in_insecure_dev_mode_gives_the_embedded_dev_defaults() -> None:
+    settings = Settings.from_env({"BACKEND_INSECURE_DEV_TOKEN": "1"})
     assert settings.redis_url is None
     assert settings.backend_token == DEV_BACKEND_TOKEN and settings.token_is_default
     assert settings.provider is ProviderName.SCRIPTED
@@ -65,4 +72,4 @@ def test_environment_values_are_parsed_into_typed_settings() -> None:
 )
 def test_bad_values_are_refused_with_the_variable_named(name: str, value: str) -> None:
     with pytest.raises(SettingsError, match=name):
-        Settings.from_env({name: value})
+        Settings.from_env({"BACKEND_TOKEN": "tok", name: value})

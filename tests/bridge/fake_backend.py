@@ -38,6 +38,8 @@ class Script:
     chunks: list[str] = field(default_factory=lambda: ["Hel", "lo", ", ", "wor", "ld"])
     stream_status: int = 200  # non-200: answered before start, JSON {code, message}
     stream_code: str = "BACKEND_UNAVAILABLE"
+    stream_retry_after: str | None = None  # the refusal's Retry-After header
+    stream_retryable: bool | None = None  # the refusal body's "retryable" (None: left out)
     send_start: bool = True
     cut_after: int | None = None  # first stream: drop the connection after N chunks
     cut_every_stream: bool = False  # resumed streams are cut too (a resume that never works)
@@ -147,7 +149,15 @@ class FakeBackend:
         s = self.script
         first = resume_after is None
         if first and s.stream_status != 200:
-            return await _json(send, s.stream_status, {"code": s.stream_code, "message": "down"})
+            body: dict[str, Any] = {"code": s.stream_code, "message": "down"}
+            if s.stream_retryable is not None:
+                body["retryable"] = s.stream_retryable
+            extra = (
+                ()
+                if s.stream_retry_after is None
+                else ((b"retry-after", s.stream_retry_after.encode()),)
+            )
+            return await _json(send, s.stream_status, body, extra)
         self._streams_opened += 1
         await send(
             {
@@ -216,6 +226,7 @@ class FakeBackend:
             "requestId": request.get("requestId"),
             "roomId": request.get("roomId"),
             "messageId": s.message_id,
+            "userMessageId": s.user_message_id,
             "content": content,
             "finishReason": "stop",
             "usage": {"promptTokens": 3, "completionTokens": 5, "totalTokens": 8},
@@ -233,13 +244,15 @@ async def _read_body(receive: Receive) -> bytes:
             return body
 
 
-async def _json(send: Send, status: int, payload: dict[str, Any]) -> None:
+async def _json(
+    send: Send, status: int, payload: dict[str, Any], headers: tuple[tuple[bytes, bytes], ...] = ()
+) -> None:
     body = json.dumps(payload).encode()
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json")],
+            "headers": [(b"content-type", b"application/json"), *headers],
         }
     )
     await send({"type": "http.response.body", "body": body})

@@ -83,6 +83,10 @@ async def test_503_before_start_falls_back_to_complete(
     assert assert_contract_stream(client, rid, sender=True) == FULL
     assert client.named("message_ack")[0]["path"] == "fallback"
     assert len(fake.completes()) == 1
+    # Issue 7: the user's new_message carried "u:{requestId}" when no start came; it is the
+    # stored user message's id, from the complete reply's userMessageId.
+    (user,) = [m["message"] for m in client.named("new_message") if m["message"]["role"] == "user"]
+    assert user["id"] == "u-1"
 
 
 async def test_cut_after_chunks_resumes_with_last_event_id(
@@ -150,6 +154,9 @@ async def test_fatal_error_event_ends_with_ai_message_error(
     assert_contract_stream(client, rid, sender=True)
     (error,) = client.named("ai_message_error")
     assert error["code"] == "MODEL_ERROR" and error["messageId"] == "m-1"
+    # Regression (issue 7): retryable was derived from the code (MODEL_ERROR: true), not the
+    # backend's own word.
+    assert error["retryable"] is False
     done = client.named("message_ack")[0]
     assert (done["ok"], done["code"]) == (False, "MODEL_ERROR")
     assert not fake.completes()  # no fallback for a fatal model error
@@ -202,11 +209,22 @@ async def test_no_first_chunk_and_complete_stalls_ends_with_stream_timeout(
 async def test_refused_request_is_rejected_not_retried(
     bridge: RunningBridge, fake: FakeBackend
 ) -> None:
-    fake.script = Script(stream_status=429, stream_code="RATE_LIMITED")
+    fake.script = Script(stream_status=429, stream_code="RATE_LIMITED", stream_retry_after="7")
     client, ack, _ = await _send(bridge)
     assert (ack["ok"], ack["stage"], ack["code"]) == (False, "rejected", "RATE_LIMITED")
+    assert ack["retryAfterMs"] == 7000  # issue 7: the backend's Retry-After, relayed
     assert not fake.completes()
     assert client.events == []
+
+
+async def test_error_body_retryable_reaches_the_room_when_both_paths_fail(
+    bridge: RunningBridge, fake: FakeBackend
+) -> None:
+    """The backend's word in an error body (here: not retryable) outranks the code's default."""
+    fake.script = Script(stream_status=503, stream_retryable=False, complete_status=503)
+    client, _, _ = await _send(bridge)
+    (error,) = client.named("ai_message_error")
+    assert (error["code"], error["retryable"]) == ("BACKEND_UNAVAILABLE", False)
 
 
 async def test_cancel_calls_backend_with_user_id(bridge: RunningBridge, fake: FakeBackend) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -9,9 +10,8 @@ import jwt
 import pytest
 import socketio
 
-from contracts import RETRYABLE, ErrorCode
 from contracts.redis_server import EmbeddedRedis
-from tests.bridge.fake_backend import TOKEN, FakeBackend
+from tests.bridge.fake_backend import TOKEN, FakeBackend, Script
 from tests.bridge.harness import (
     JWT_SECRET,
     Client,
@@ -171,6 +171,40 @@ async def test_rate_limit_per_user_in_redis(bridge: RunningBridge) -> None:
         assert all(a["ok"] for a in acks)
         limited = await second.call("send_message", {"roomId": room, "content": "hi"})
         assert (limited["ok"], limited["code"]) == (False, "RATE_LIMITED")
+        # issue 7: when to try again, up to the end of the 60 s window
+        assert 0 < limited["retryAfterMs"] <= 60_000
+
+
+async def test_token_expiry_ends_the_connection_and_a_fresh_token_is_replayed_the_reply(
+    bridge: RunningBridge, fake: FakeBackend
+) -> None:
+    """Issue 7 (CONTRACT.md "Connecting"): exp held only at the handshake. At exp the socket
+    gets session_expired and is disconnected; the generation goes on, and the user, back with
+    a fresh token, is replayed it on join."""
+    chunks = [f"t{i} " for i in range(40)]
+    fake.script = Script(chunks=chunks, chunk_delay_s=0.1)
+    user, room, rid = new_id("user"), new_id("room"), new_id("req")
+    short = Client()
+    await short.connect(bridge.url, auth={"token": token(user, ttl_s=2)})
+    try:
+        ack = await short.call("send_message", {"roomId": room, "content": "hi", "requestId": rid})
+        assert ack["ok"] is True
+        (expired,) = await short.wait_for("session_expired", wait_s=10)
+        assert expired["code"] == "UNAUTHORIZED"
+        await asyncio.wait_for(short.disconnected.wait(), 10)
+        assert not short.named("ai_message_end")  # cut off mid-generation
+    finally:
+        await short.close()
+    async with connected(bridge.url, user) as again:
+        joined = await again.call("join_room", {"roomId": room})
+        assert joined["ok"] is True and rid in joined["inFlight"]
+        (end,) = await again.wait_for("ai_message_end", wait_s=15)
+        names = again.names()
+        assert names[0] == "ai_message_start" and names[-1] == "ai_message_end", names
+        seqs = [c["seq"] for c in again.named("ai_message_chunk")]
+        assert seqs == list(range(len(chunks)))  # replayed from seq 0, then live, no gap
+        assert end["content"] == "".join(c["chunk"] for c in again.named("ai_message_chunk"))
+        assert end["content"] == "".join(chunks)
 
 
 async def test_resent_request_id_replays_same_generation(
@@ -236,18 +270,23 @@ async def test_send_message_with_redis_unavailable_is_rejected_retryable_not_int
 ) -> None:
     """Regression (issue 3, overload): a Redis that cannot serve the room / rate-limit round
     trips (down, or its pool exhausted under load) made ``send_message`` ack ``rejected`` with
-    ``INTERNAL``; it is an expected condition: ``BACKEND_UNAVAILABLE``, which is retryable."""
+    ``INTERNAL``; it is an expected condition: ``BACKEND_UNAVAILABLE``, which is retryable:
+    the same message sent again once Redis is back is accepted, on the same connection."""
     redis = EmbeddedRedis().start()
+    room = new_id("room")
+    message = {"roomId": room, "content": "hi", "requestId": new_id("req")}
     try:
         async with running_bridge(redis.url, fake.url, TOKEN) as running:
             async with connected(running.url, new_id("user")) as client:
                 redis.stop()
-                ack = await client.call(
-                    "send_message", {"roomId": new_id("room"), "content": "hi"}, wait_s=30
-                )
-                join = await client.call("join_room", {"roomId": new_id("room")}, wait_s=30)
+                ack = await client.call("send_message", message, wait_s=30)
+                join = await client.call("join_room", {"roomId": room}, wait_s=30)
+                redis.start()
+                retried = await client.call("send_message", message, wait_s=30)
+                done = await client.wait_for("message_ack", wait_s=20)
     finally:
         redis.stop()
     assert (ack["ok"], ack["stage"], ack["code"]) == (False, "rejected", "BACKEND_UNAVAILABLE")
-    assert ErrorCode.BACKEND_UNAVAILABLE in RETRYABLE
     assert (join["ok"], join["code"]) == (False, "BACKEND_UNAVAILABLE")
+    assert (retried["ok"], retried["stage"]) == (True, "accepted"), retried
+    assert done[0]["ok"] is True and done[0]["requestId"] == message["requestId"]

@@ -20,6 +20,7 @@ from contracts import (
     Path,
     SendAccepted,
     SendRejected,
+    SessionExpired,
     StreamEnd,
     parse,
 )
@@ -33,12 +34,20 @@ def test_builders_match_the_contract_models() -> None:
     cases = [
         (SendAccepted, payloads.accepted("r", "room", None, Path.FALLBACK)),
         (SendRejected, payloads.rejected(None, ErrorCode.EMPTY_MESSAGE, "x")),
+        (SendRejected, payloads.rejected("r", ErrorCode.RATE_LIMITED, "x", 1500)),
+        (SessionExpired, payloads.session_expired()),
         (ErrorAck, payloads.error_ack(ErrorCode.FORBIDDEN, "x")),
         (JoinRoomAck, payloads.join_ack("room", ["r"])),
         (AiMessageStart, payloads.start("r", "room", "m")),
         (AiMessageChunk, payloads.chunk("r", "room", "m", 3, "tok")),
         (AiMessageEnd, payloads.end("r", "room", end_body, timing)),
         (AiMessageError, payloads.error("r", "room", None, ErrorCode.STREAM_TIMEOUT, "x")),
+        (
+            AiMessageError,
+            payloads.error(
+                "r", "room", "m", ErrorCode.RATE_LIMITED, "x", retryable=False, retry_after_ms=9
+            ),
+        ),
         (MessageAck, payloads.message_ack("r", "room", "m", ok=True, path=Path.STREAM)),
         (
             NewMessage,
@@ -55,10 +64,22 @@ def test_builders_match_the_contract_models() -> None:
     ]
     model: Any
     for model, built in cases:
-        assert parse(model, built).wire() == built, model.__name__
+        wire = parse(model, built).wire()
+        # optional fields the builder leaves out (retryAfterMs) come back as null
+        assert {k: v for k, v in wire.items() if k in built or v is not None} == built, model
+        assert set(built) <= set(wire), model.__name__
 
 
 def test_fallback_is_stream_in_the_ack_and_retryable_follows_the_code() -> None:
     assert payloads.accepted("r", "room", None, Path.FALLBACK)["path"] == "stream"
     assert payloads.error("r", "x", None, ErrorCode.MODEL_ERROR, "m")["retryable"] is True
     assert payloads.error("r", "x", None, ErrorCode.FORBIDDEN, "m")["retryable"] is False
+
+
+def test_retryable_is_the_backends_word_when_it_gave_one() -> None:
+    """Issue 7: a backend error event {MODEL_ERROR, retryable: false} reached the room as
+    retryable: true, derived from the code."""
+    word = payloads.error("r", "x", None, ErrorCode.MODEL_ERROR, "m", retryable=False)
+    assert word["retryable"] is False
+    again = payloads.error("r", "x", None, ErrorCode.FORBIDDEN, "m", retryable=True)
+    assert again["retryable"] is True

@@ -127,8 +127,8 @@ def _end(content: str = "Hello") -> End:
 
 def _complete(content: str = "Hello") -> CompleteResponse:
     return CompleteResponse(
-        request_id="r1", room_id="room1", message_id="m1", content=content,
-        finish_reason=FinishReason.STOP,
+        request_id="r1", room_id="room1", message_id="m1", user_message_id="um1",
+        content=content, finish_reason=FinishReason.STOP,
     )  # fmt: skip
 
 

@@ -59,9 +59,23 @@ async def test_stack_serves_a_stream_and_stops_everything_on_sigterm(
     stack: tuple[subprocess.Popen[str], dict[str, Any]],
 ) -> None:
     proc, info = stack
-    assert set(info) >= {"bridgeUrl", "backendUrl", "redisUrl", "jwtSecret", "token", "pageUrl"}
+    assert set(info) >= {
+        "bridgeUrl",
+        "backendUrl",
+        "redisUrl",
+        "jwtSecret",
+        "backendToken",
+        "token",
+        "pageUrl",
+    }
     assert info["pageUrl"] == f"{info['bridgeUrl']}/?token={info['token']}"
+    assert len(info["backendToken"]) >= 24 and info["backendToken"] != "dev-backend-token"
     async with httpx.AsyncClient() as http:
+        history = f"{info['backendUrl']}/chat/rooms/demo/messages"
+        dev = await http.get(history, headers={"Authorization": "Bearer dev-backend-token"})
+        assert dev.status_code == 401  # issue 7: a random service token per stack
+        ours = await http.get(history, headers={"Authorization": f"Bearer {info['backendToken']}"})
+        assert ours.status_code == 200
         assert (await http.get(f"{info['bridgeUrl']}/healthz")).status_code == 200
         assert (await http.get(f"{info['bridgeUrl']}/readyz")).json()["ready"] is True
         assert "bridge_connected_sockets" in (await http.get(f"{info['bridgeUrl']}/metrics")).text

@@ -112,7 +112,7 @@ async def test_stack_mode_figures_land_on_the_scripted_model_and_recompute_exact
         stage="4s:4/s:0s",
         compare=True,
         jwt_secret=None,
-        backend_token="dev-backend-token",
+        backend_token=None,  # the stack made a random one; run.py reads it from READY
         stack=True,
         stack_env={
             "SCRIPTED_TTFT_MS": "400",
