@@ -58,7 +58,7 @@ setup_python() {
 
 print_versions() {
     log "locked versions installed"
-    "$UV" pip list --quiet --format freeze 2>/dev/null | paste -sd' ' - | fold -s -w 100 >&2
+    "$UV" pip list --python "$VENV/bin/python" --quiet --format freeze 2>/dev/null | paste -sd' ' - | fold -s -w 100 >&2
 }
 
 setup_redis() {
@@ -119,5 +119,6 @@ case "${1:-}" in
     test) shift; cmd_test "$@" ;;
     lock) shift; cmd_lock "$@" ;;
     lock-check) setup_uv; check_lock ;;
-    *) echo "usage: bash dev.sh up [--port P] | test [pytest args] | lock [--upgrade]" >&2; exit 2 ;;
+    versions) print_versions ;;
+    *) echo "usage: bash dev.sh up [--port P] | test [pytest args] | lock [--upgrade] | versions" >&2; exit 2 ;;
 esac

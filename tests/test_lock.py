@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -28,6 +30,21 @@ def test_the_environment_is_exactly_the_lock() -> None:
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
+
+
+def test_the_printed_versions_are_the_environments() -> None:
+    """Regression: with UV_PYTHON set, `uv pip list` listed the system interpreter's
+    packages, so the test command printed versions that were not the ones under test."""
+    result = _run(["bash", "dev.sh", "versions"], ROOT)
+    assert result.returncode == 0, result.stderr
+    printed = {
+        name: version for name, version in re.findall(r"([A-Za-z0-9_.-]+)==(\S+)", result.stderr)
+    }
+    installed = {
+        re.sub(r"[-_.]+", "-", dist.metadata["Name"]).lower(): dist.version
+        for dist in importlib.metadata.distributions()
+    }
+    assert printed == installed
 
 
 def _project_copy(tmp_path: Path) -> Path:
