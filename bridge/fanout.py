@@ -18,9 +18,10 @@ The state is bounded: ``max_tracked`` generations per socket, dropped with the s
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from typing import Any
+
+import orjson
 
 from bridge.compat import message_packet
 
@@ -31,7 +32,11 @@ FILTERED = frozenset({START, CHUNK, *TERMINAL})
 ENDED = -1
 DEFAULT_MAX_TRACKED = 64
 
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+def _dumps(value: Any) -> str:
+    # orjson: compact, UTF-8 as it is (no \\u escapes), about 5x faster than the stdlib's
+    # encoder, which was 5 % of the CPU at 1,000 streams (issue 8).
+    return orjson.dumps(value).decode()
 
 
 def encode(event: str, payload: dict[str, Any]) -> Any:

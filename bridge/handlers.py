@@ -264,10 +264,7 @@ class ChatHandlers:
 
     async def _stream(self, sid: str, job: RelayJob, ack: AckFn) -> None:
         req = job.request
-        sink = RoomSink(
-            server=self.server, rooms=self._rooms, sid=sid, request=req, ack=ack,
-            presence_refresh_s=self._settings.presence_refresh_s,
-        )  # fmt: skip
+        sink = RoomSink(server=self.server, rooms=self._rooms, sid=sid, request=req, ack=ack)
         relay = Relay(job, upstream=self._upstream, sink=sink, timeouts=self._settings.timeouts)
         key = (req.room_id, req.request_id)
         active = self._relays[key] = _Active(relay, sink)

@@ -30,7 +30,6 @@ DEFAULT_ROOM_TTL_S = 30 * 86_400  # an unused room's owner record expires after 
 DEFAULT_SOCKET_MAX_QUEUE = 1000
 DEFAULT_SOCKET_DRAIN_GRACE_S = 2.0
 DEFAULT_FLAGS_REFRESH_S = 0.5
-DEFAULT_PRESENCE_REFRESH_S = 1.0
 DEFAULT_STREAMING_PERCENT = 100.0
 DEFAULT_CHANNEL = "chat-bridge"
 DEFAULT_LOG_LEVEL = "INFO"
@@ -85,7 +84,6 @@ class Settings:
     socket_max_queue: int = DEFAULT_SOCKET_MAX_QUEUE
     socket_drain_grace_s: float = DEFAULT_SOCKET_DRAIN_GRACE_S
     flags_refresh_s: float = DEFAULT_FLAGS_REFRESH_S
-    presence_refresh_s: float = DEFAULT_PRESENCE_REFRESH_S
     cors_origins: tuple[str, ...] = ()
     channel: str = DEFAULT_CHANNEL
     log_level: str = DEFAULT_LOG_LEVEL
@@ -141,9 +139,6 @@ class Settings:
             ),
             flags_refresh_s=env.number(
                 "BRIDGE_FLAGS_REFRESH_S", DEFAULT_FLAGS_REFRESH_S, low=0.05, high=1.0
-            ),
-            presence_refresh_s=env.number(
-                "BRIDGE_PRESENCE_REFRESH_S", DEFAULT_PRESENCE_REFRESH_S, low=0.05
             ),
             cors_origins=tuple(sorted(env.names("BRIDGE_CORS_ORIGINS"))),
             channel=env.text("BRIDGE_CHANNEL") or DEFAULT_CHANNEL,

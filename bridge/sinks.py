@@ -1,12 +1,16 @@
 """Where relayed events go: the room sink of a relay, the complete path, and replay followers.
 
 - ``RoomSink`` is the relay's ``EventSink`` on a real server: local sockets first (directly),
-  then the Redis queue only while another replica has members of the room. Presence is read
-  once when the generation begins and re-read in the background every
-  ``presence_refresh_s``; a socket that joins another replica in between is covered by that
-  replica's follower. Publishes go through one ordered outbox task per relay, so the relay
-  never waits on Redis per chunk: under overload a slow Redis made every chunk (and the
-  sender's acks behind them) wait, and turned a saturated bridge into 30 s client timeouts.
+  then the Redis queue only when another replica had members of the room as the generation
+  began. Presence is read once, in the same round trip that records the generation in flight
+  (``RoomRegistry.begin``), and never again: a socket that joins another replica later is
+  replayed and followed live by that replica's ``follow`` (Redis orders the two: either the
+  joiner's presence is written before ``begin`` reads it, or ``begin``'s in-flight record is
+  written before the joiner reads it). A re-check per relay per second used to cost 11 % of
+  the CPU at 1,000 streams (issue 8) for events the follower's socket drops anyway (its
+  delivery filter holds live events back while it is followed). Publishes go through one
+  ordered outbox task per relay, so the relay never waits on Redis per chunk: under overload
+  a slow Redis made every chunk (and the sender's acks behind them) wait.
 - ``run_complete`` is the old behaviour for users the flag keeps off streaming.
 - ``follow`` replays a generation running elsewhere to one joining socket, from the backend's
   resume endpoint (any replica can serve it), then follows it live to its terminal event.
@@ -15,7 +19,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,16 +56,12 @@ class RoomSink:
         sid: str,
         request: ChatRequest,
         ack: AckFn,
-        presence_refresh_s: float,
     ) -> None:
         self._server = server
         self._rooms = rooms
         self._sid = sid
         self._request = request
         self._ack = ack
-        self._refresh_s = presence_refresh_s
-        self._next_check = float("inf")
-        self._checking = False
         self.remote = False
         self.acked = False
         self.began = False
@@ -85,15 +84,12 @@ class RoomSink:
             log.warning("presence_unknown_publishing")
             self.remote = True  # unknown: the queue is the safe choice
         self.began = True
-        self._next_check = time.monotonic() + self._refresh_s
 
     async def room(self, event: str, payload: Payload) -> None:
         room_id = self._request.room_id
         self._server.emit_local(room_id, event, payload)
         if event in TERMINAL:
             self.terminal_sent = True
-        elif not self.remote and time.monotonic() >= self._next_check:
-            self._recheck()
         if self.remote:
             self._publish(event, payload)
 
@@ -137,21 +133,6 @@ class RoomSink:
             await self._rooms.finish(self._request.room_id, self._request.request_id)
         except StoreError:
             log.warning("inflight_not_cleared")
-
-    def _recheck(self) -> None:
-        self._next_check = time.monotonic() + self._refresh_s
-        if not self._checking:
-            self._checking = True
-            self._server.spawn(self._check())
-
-    async def _check(self) -> None:
-        try:
-            if await self._rooms.has_remote_members(self._request.room_id):
-                self.remote = True
-        except StoreError:
-            self.remote = True
-        finally:
-            self._checking = False
 
 
 async def run_complete(

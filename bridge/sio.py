@@ -98,6 +98,9 @@ class SocketServer:
         self._kicked: set[str] = set()
         self.kicks = 0
         self.filter = DeliveryFilter()
+        # sid -> the rooms it entered here (besides its own): python-socketio's ``get_rooms``
+        # scans every room of the replica, and membership is asked on every send (issue 8).
+        self._rooms_of: dict[str, set[str]] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self._register(on_connect, on_disconnect)
 
@@ -189,16 +192,20 @@ class SocketServer:
 
     async def enter_room(self, sid: str, room: str) -> None:
         await self._sio.enter_room(sid, room)
+        self._rooms_of.setdefault(sid, set()).add(room)
 
     async def leave_room(self, sid: str, room: str) -> None:
+        rooms = self._rooms_of.get(sid)
+        if rooms is not None:
+            rooms.discard(room)
         await self._sio.leave_room(sid, room)
 
     def in_room(self, sid: str, room: str) -> bool:
-        return room in self.rooms_of(sid)
+        rooms = self._rooms_of.get(sid)
+        return rooms is not None and room in rooms
 
     def rooms_of(self, sid: str) -> list[str]:
-        rooms = self._manager.get_rooms(sid, NAMESPACE)
-        return [r for r in rooms if isinstance(r, str) and r != sid]
+        return list(self._rooms_of.get(sid, ()))
 
     def local_members(self, room: str) -> int:
         return sum(1 for _ in self._participants(room))
@@ -277,7 +284,10 @@ class SocketServer:
 
         async def disconnect(sid: str, reason: object = None) -> None:
             self.filter.forget(sid)
-            await on_disconnect(sid)
+            try:
+                await on_disconnect(sid)  # still in its rooms here
+            finally:
+                self._rooms_of.pop(sid, None)
 
         self._sio.on("connect", connect)
         self._sio.on("disconnect", disconnect)

@@ -3,7 +3,7 @@
 Every request carries the service token and a W3C ``traceparent`` (CONTRACT.md section 2).
 Errors leave this module only as ``bridge.errors.UpstreamError`` subclasses (``translating``).
 
-Hot path: a chunk event is decoded with ``json.loads`` and two type checks, not a pydantic
+Hot path: a chunk event is decoded with ``orjson.loads`` and two type checks, not a pydantic
 model; the rare events (start, end, error, JSON replies) go through the contract models.
 
 The client's transport is httpx-aiohttp's ``AiohttpTransport``: the httpx API and httpx-sse on
@@ -17,7 +17,6 @@ work-around (32 pools used in turn) only divided.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -25,6 +24,7 @@ from urllib.parse import quote
 
 import httpx
 import httpx_sse
+import orjson
 from httpx_aiohttp import AiohttpTransport
 
 from bridge.errors import (
@@ -112,8 +112,11 @@ class Upstream(Protocol):
 def decode_event(name: str, data: str) -> UpstreamEvent | None:
     """One SSE event as an ``UpstreamEvent``; ``None`` for names the contract does not know."""
     if name == "chunk":
-        raw: Any = json.loads(data)
-        seq, text = raw["seq"], raw["chunk"]
+        try:
+            raw: Any = orjson.loads(data)
+            seq, text = raw["seq"], raw["chunk"]
+        except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
+            raise UpstreamProtocolError("chunk: not a {seq, chunk} object") from None
         if type(seq) is not int or seq < 0 or type(text) is not str:
             raise UpstreamProtocolError("chunk: seq or chunk has the wrong type")
         return Chunk(seq, text)

@@ -33,7 +33,6 @@ FAST_ENV: dict[str, str] = {
     "BRIDGE_TOTAL_TIMEOUT_S": "15",
     "BRIDGE_RATE_LIMIT": "1000",
     "BRIDGE_FLAGS_REFRESH_S": "0.2",
-    "BRIDGE_PRESENCE_REFRESH_S": "0.2",
 }
 
 
