@@ -171,11 +171,7 @@ class Relay:
                         due = now + self._wait_s()
                         armed = due + self._slack_s(due - now)
                         when = timer.when()
-                        if (
-                            when is None
-                            or due > when  # the wait would outlast the timer: move it on
-                            or (armed < when and (armed == due or armed < when - TIMER_SLACK_S))
-                        ):
+                        if when is None or not due <= when <= armed:  # early, or too late
                             timer.reschedule(armed)
                         continue
                     # The timer bounds the wait on the backend only. Handling any other event
