@@ -167,9 +167,9 @@ class Relay:
                         # The idle timeout so fires up to the slack late, never early; the
                         # total timeout is exact (no slack when it is what ends the wait).
                         await self._handle(event)
-                        now = loop.time()
-                        due = now + self._wait_s()
-                        armed = due + self._slack_s(due - now)
+                        wait = self._wait_s()
+                        due = loop.time() + wait
+                        armed = due + self._slack_s(wait)
                         when = timer.when()
                         if when is None or not due <= when <= armed:  # early, or too late
                             timer.reschedule(armed)
