@@ -83,9 +83,15 @@ setup_chromium() {
     command -v chromium >/dev/null || apt_install chromium fonts-nanum
 }
 
+setup_prometheus() {
+    # Debian's prometheus and promtool: the observability tests and `dev.sh up --prometheus`.
+    command -v prometheus >/dev/null && command -v promtool >/dev/null || apt_install prometheus
+}
+
 cmd_up() {
     setup_python
     setup_redis
+    case " $* " in *" --prometheus "*) setup_prometheus ;; esac
     exec "$PY" -m bridge stack "$@"
 }
 
@@ -95,6 +101,7 @@ cmd_test() {
     setup_redis
     setup_node
     setup_chromium
+    setup_prometheus
     log "ruff"
     "$VENV/bin/ruff" check .
     "$VENV/bin/ruff" format --check .
@@ -120,5 +127,5 @@ case "${1:-}" in
     lock) shift; cmd_lock "$@" ;;
     lock-check) setup_uv; check_lock ;;
     versions) print_versions ;;
-    *) echo "usage: bash dev.sh up [--port P] | test [pytest args] | lock [--upgrade] | versions" >&2; exit 2 ;;
+    *) echo "usage: bash dev.sh up [--port P] [--prometheus] | test [pytest args] | lock [--upgrade] | versions" >&2; exit 2 ;;
 esac

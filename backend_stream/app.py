@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 from collections.abc import AsyncIterator
@@ -29,6 +30,7 @@ from backend_stream.registry import GenerationRegistry
 from backend_stream.runner import GenerationRunner
 from backend_stream.settings import Settings
 from backend_stream.store import GenerationStore
+from backend_stream.tracing import TraceMiddleware, Tracing
 from contracts import HTTP_STATUS, RETRYABLE, ContractError, ErrorBody, ErrorCode
 
 log = structlog.get_logger("backend_stream.app")
@@ -49,6 +51,7 @@ class Services:
     provider: Provider
     writer: ChunkWriter
     runner: GenerationRunner
+    tracing: Tracing
 
 
 def error_response(
@@ -75,7 +78,7 @@ REDIS_RETRY = Retry(
 )
 
 
-def build_services(settings: Settings, metrics: Metrics) -> Services:
+def build_services(settings: Settings, metrics: Metrics, tracing: Tracing) -> Services:
     if settings.redis_url is None:
         raise ValueError("Settings.redis_url must be set (the launcher starts an embedded Redis)")
     # A plain pool: BlockingConnectionPool costs ~0.2 ms per command in Python; an exhausted
@@ -100,13 +103,16 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
     provider = make_provider(settings)
     writer = ChunkWriter(redis, on_batch=metrics.chunk_batches.inc)
     runner = GenerationRunner(
-        store=store, writer=writer, provider=provider, settings=settings, metrics=metrics
-    )
+        store=store, writer=writer, provider=provider, settings=settings, metrics=metrics,
+        tracing=tracing,
+    )  # fmt: skip
     registry = GenerationRegistry(
         store=store, runner=runner, metrics=metrics, history_messages=settings.history_messages
     )
     feed = EventFeed(store, settings)
-    return Services(settings, redis, store, registry, feed, metrics, provider, writer, runner)
+    return Services(
+        settings, redis, store, registry, feed, metrics, provider, writer, runner, tracing
+    )
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -114,10 +120,11 @@ def create_app(settings: Settings) -> FastAPI:
     from backend_stream.routes import router  # routes import Services from here
 
     metrics = Metrics()
+    tracing = Tracing.create(enabled=settings.tracing, service_name=settings.service_name)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        services = build_services(settings, metrics)
+        services = build_services(settings, metrics, tracing)
         app.state.services = services
         services.writer.start()
         services.runner.start()
@@ -140,10 +147,13 @@ def create_app(settings: Settings) -> FastAPI:
             await services.writer.aclose()
             await services.provider.aclose()
             await services.redis.aclose()
+            await asyncio.to_thread(tracing.shutdown)
 
     app = FastAPI(title="backend_stream", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.include_router(router)
     _install_error_handlers(app)
+    if tracing.tracer is not None:
+        app.add_middleware(TraceMiddleware, tracer=tracing.tracer)
     return app
 
 

@@ -17,7 +17,11 @@ class Metrics:
             "backend_model_calls", "Model calls started", ["provider"], registry=r
         )
         self.generations = Counter(
-            "backend_generations", "Generations ended, by finish reason", ["finish"], registry=r
+            "backend_generations", "Generations ended, by outcome (finish reason)", ["outcome"],
+            registry=r,
+        )  # fmt: skip
+        self.tokens = Counter(
+            "backend_tokens", "Tokens the model reported, by kind", ["kind"], registry=r
         )
         self.errors = Counter("backend_errors", "Errors answered, by code", ["code"], registry=r)
         self.chunks = Counter("backend_chunks", "Chunks flushed", registry=r)
@@ -51,6 +55,12 @@ class Metrics:
 
     def count_generation(self, finish: str) -> None:
         self._child(self.generations, "generations", finish).inc()
+
+    def count_tokens(self, prompt: int, completion: int) -> None:
+        if prompt:
+            self._child(self.tokens, "tokens", "prompt").inc(prompt)
+        if completion:
+            self._child(self.tokens, "tokens", "completion").inc(completion)
 
     def _child(self, metric: Counter, name: str, value: str) -> Counter:
         child = self._children.get((name, value))

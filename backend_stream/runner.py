@@ -19,6 +19,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 import structlog
+from opentelemetry.context import Context
 from redis.exceptions import RedisError
 
 from backend_stream.chunk_writer import ChunkWriter
@@ -37,6 +38,7 @@ from backend_stream.prompt import build_prompt
 from backend_stream.providers import Delta, ModelRequest, Provider
 from backend_stream.settings import Settings
 from backend_stream.store import Claim, GenerationStore, dumps
+from backend_stream.tracing import Tracing
 from contracts import (
     RETRYABLE,
     BackendLatency,
@@ -77,6 +79,7 @@ class _Run:
     next_flush: float = 0.0
     flush_timer: asyncio.TimerHandle | None = None
     written: asyncio.Future[None] | None = None  # the batch holding the last chunk
+    trace_parent: Context | None = None  # the request span that started it (when tracing)
 
     def latency(self, now: float) -> BackendLatency:
         received_at = self.gen.received_at
@@ -105,7 +108,9 @@ class GenerationRunner:
         provider: Provider,
         settings: Settings,
         metrics: Metrics,
+        tracing: Tracing | None = None,
     ) -> None:
+        self._tracing = tracing or Tracing(None)
         self._store = store
         self._writer = writer
         self._provider = provider
@@ -136,6 +141,7 @@ class GenerationRunner:
             settings_loaded=claimed_at,
             first_token_deadline=claimed_at + s.first_token_timeout_s,
             total_deadline=gen.received_at + s.total_timeout_s,
+            trace_parent=self._tracing.current(),
         )
         self._runs[gen] = run
         try:
@@ -321,6 +327,9 @@ class GenerationRunner:
         gen.publish_terminal(payload_event(SseEvent.END, payload))
         # Post-processing: after `end` is out, never on the path to the first chunk.
         self._metrics.count_generation(run.finish.value)
+        usage = run.usage or Usage()
+        self._metrics.count_tokens(usage.prompt_tokens, usage.completion_tokens)
+        self._trace(run, None)
         log.info(
             "generation_end",
             finishReason=run.finish.value,
@@ -328,6 +337,34 @@ class GenerationRunner:
             attempt=gen.attempt,
             **latency.wire(),
         )
+
+    def _trace(self, run: _Run, error: str | None) -> None:
+        if not self._tracing.enabled:
+            return
+        gen, now = run.gen, time.monotonic()
+        usage = run.usage or Usage()
+        self._tracing.record_generation(
+            run.trace_parent,
+            stages={
+                "received": gen.received_at, "settings_loaded": run.settings_loaded,
+                "prompt_built": run.prompt_built, "first_token": run.first_token,
+                "first_chunk": run.first_chunk, "done": now,
+            },
+            model=(run.prompt_built, run.model_done),
+            end=now,
+            attributes={
+                "chat.request_id": gen.key.request_id, "chat.room_id": gen.start.room_id,
+                "chat.attempt": gen.attempt, "chat.chunks": len(gen.chunks),
+                "chat.finish_reason": FinishReason.ERROR.value if error else run.finish.value,
+                **({"chat.code": error} if error else {}),
+            },
+            model_attributes={
+                "gen_ai.system": self._provider.name,
+                "gen_ai.usage.input_tokens": usage.prompt_tokens,
+                "gen_ai.usage.output_tokens": usage.completion_tokens,
+            },
+            error=error,
+        )  # fmt: skip
 
     async def _finish_or_fail(self, run: _Run) -> None:
         try:
@@ -373,5 +410,8 @@ class GenerationRunner:
             log.warning("generation_fail_not_stored", code=code.value)
         gen.publish_terminal(payload_event(SseEvent.ERROR, payload, retry_after_s))
         self._metrics.count_generation(FinishReason.ERROR.value)
+        if run.usage is not None:
+            self._metrics.count_tokens(run.usage.prompt_tokens, run.usage.completion_tokens)
+        self._trace(run, code.value)
         self._metrics.errors.labels(code.value).inc()
         log.warning("generation_failed", code=code.value, chunks=len(gen.chunks), reason=message)

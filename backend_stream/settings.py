@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from contracts import DEFAULT_MAX_CONTENT_CHARS
+from contracts.tracing import service_name, traces_enabled
 
 DEV_BACKEND_TOKEN = "dev-backend-token"
 
@@ -37,6 +38,7 @@ DEFAULT_REDIS_MAX_CONNECTIONS = 2000
 DEFAULT_REDIS_TIMEOUT_S = 5.0
 DEFAULT_SYSTEM_PROMPT = "You are a friendly chat character. Answer briefly."
 DEFAULT_LOG_LEVEL = "INFO"
+DEFAULT_SERVICE_NAME = "chat-backend"
 # JSON may spell one character as a 12-byte surrogate pair escape; leave room for the envelope.
 BODY_BYTES_PER_CHAR = 12
 BODY_OVERHEAD_BYTES = 4096
@@ -97,6 +99,9 @@ class Settings:
     redis_timeout_s: float = DEFAULT_REDIS_TIMEOUT_S
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     log_level: str = DEFAULT_LOG_LEVEL
+    # OpenTelemetry traces (contracts/tracing.py: off unless an OTLP endpoint is configured)
+    tracing: bool = False
+    service_name: str = DEFAULT_SERVICE_NAME
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -152,6 +157,8 @@ class Settings:
             redis_timeout_s=env.number("REDIS_TIMEOUT_S", DEFAULT_REDIS_TIMEOUT_S, low=0.01),
             system_prompt=environ.get("SYSTEM_PROMPT") or DEFAULT_SYSTEM_PROMPT,
             log_level=(environ.get("LOG_LEVEL") or DEFAULT_LOG_LEVEL).upper(),
+            tracing=traces_enabled(environ),
+            service_name=service_name(environ, DEFAULT_SERVICE_NAME),
         )
 
 

@@ -5,7 +5,8 @@
     python -m bridge flags set enabled=true percent=25 allow_users=a,b allow_roles=internal,admin
                                deny_users=c fallback=true
     python -m bridge flags reset                      drop every override (env defaults again)
-    python -m bridge stack [--host H] [--port P]      Redis + backend + bridge, prints READY {...}
+    python -m bridge stack [--host H] [--port P] [--prometheus]
+                                                      Redis + backend + bridge, prints READY {...}
     python -m bridge token USER [--roles a,b] [--ttl-s N]   a JWT signed with JWT_SECRET
     python -m bridge client --url URL (--token T | --user U) --room R   a terminal client
 
@@ -66,12 +67,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"bridge {command}".strip())
     parser.add_argument("--host", default=DEFAULT_HOST)
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    if command == "stack":
+        parser.add_argument(
+            "--prometheus", action="store_true",
+            help="also run Debian's prometheus scraping the stack, with the chart's alarms",
+        )  # fmt: skip
     parsed = parser.parse_args(rest)
     _exit_on_sigterm()
     if command == "stack":
         from bridge.stack import run_stack
 
-        return run_stack(parsed.host, parsed.port, os.environ)
+        return run_stack(parsed.host, parsed.port, os.environ, prometheus=parsed.prometheus)
     return _serve(parsed.host, parsed.port, settings)
 
 

@@ -29,6 +29,7 @@ from bridge.page import PageApp
 from bridge.rooms import RoomRegistry
 from bridge.settings import Settings
 from bridge.sio import SocketServer
+from bridge.tracing import Tracing
 from bridge.upstream import HttpUpstream
 from contracts.aio import cancel_and_wait
 
@@ -98,12 +99,17 @@ class Bridge:
             rate_window_s=settings.rate_window_s,
             room_ttl_s=settings.room_ttl_s,
         )
+        self.tracing = Tracing.create(enabled=settings.tracing, service_name=settings.service_name)
         self._handlers = ChatHandlers(
             settings=settings, auth=auth, rooms=self.rooms, flags=self.flags,
-            upstream=self.upstream, metrics=self.metrics,
+            upstream=self.upstream, metrics=self.metrics, tracing=self.tracing,
         )  # fmt: skip
         self._handlers.bind(self.server)
-        self.metrics.bind(sockets=self.server.connected, kicks=lambda: self.server.kicks)
+        self.metrics.bind(
+            sockets=self.server.connected,
+            kicks=lambda: self.server.kicks,
+            rollout_percent=self._rollout_percent,
+        )
         self._background: list[asyncio.Task[None]] = []
         self._redis_ok = False
         self._beat_now = asyncio.Event()
@@ -151,6 +157,11 @@ class Bridge:
             pass
         await self.upstream.aclose()
         await self.redis.aclose()
+        await asyncio.to_thread(self.tracing.shutdown)
+
+    def _rollout_percent(self) -> float:
+        flags = self.flags.current
+        return flags.percent if flags.enabled else 0.0
 
     def _redis_came_back(self) -> None:
         # The subscription was lost and is back: Redis may be a new, empty server (a restart

@@ -9,13 +9,14 @@ task acks when the backend's stream opens (or the fallback request is sent).
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import structlog
+from opentelemetry.util.types import AttributeValue
 
 from bridge import payloads
 from bridge.auth import Authenticator, AuthError, Identity
@@ -23,15 +24,19 @@ from bridge.errors import PayloadError, StoreError, UpstreamError, UpstreamHttpE
 from bridge.fanout import CHUNK, START
 from bridge.flags import FlagStore, decide
 from bridge.metrics import Metrics
+from bridge.payloads import Payload
 from bridge.relay import Outcome, Relay, RelayJob
 from bridge.rooms import InFlight, RoomRegistry
 from bridge.settings import Settings
 from bridge.sinks import RoomSink, follow, run_complete
 from bridge.sio import AckFn, Refused, SocketServer
+from bridge.tracing import Tracing, random_traceparent
 from bridge.upstream import Upstream
 from contracts import (
     CancelMessage,
     ChatRequest,
+    ClientEvent,
+    ClientTiming,
     ContractError,
     ErrorCode,
     JoinRoom,
@@ -50,12 +55,8 @@ log = structlog.get_logger("bridge.handlers")
 
 MAX_FOLLOWERS_PER_SOCKET = 16
 MAX_ROOMS_PER_SOCKET = 64
+MAX_TIMINGS_DUE_PER_SOCKET = 16
 STORE_BUSY = "room state unavailable, try again"
-
-
-def traceparent() -> str:
-    """A fresh W3C trace context for one request (bridge -> backend -> model)."""
-    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
 
 
 @dataclass
@@ -76,8 +77,10 @@ class ChatHandlers:
         flags: FlagStore,
         upstream: Upstream,
         metrics: Metrics,
+        tracing: Tracing | None = None,
     ) -> None:
         self._settings = settings
+        self._tracing = tracing or Tracing(None)
         self._auth = auth
         self._rooms = rooms
         self._flags = flags
@@ -88,6 +91,9 @@ class ChatHandlers:
         self._relays: dict[tuple[str, str], _Active] = {}
         self._followers: dict[str, int] = {}
         self._expiry: dict[str, asyncio.TimerHandle] = {}
+        # sid -> the requestIds it sent whose client_timing is still due (bounded per socket):
+        # a page reports one timing per request it sent, and nothing else becomes a sample.
+        self._timing_due: dict[str, OrderedDict[str, None]] = {}
 
     @property
     def server(self) -> SocketServer:
@@ -100,6 +106,7 @@ class ChatHandlers:
         server.on("leave_room", self.leave_room)
         server.on("send_message", self.send_message)
         server.on("cancel_message", self.cancel_message)
+        server.on(ClientEvent.CLIENT_TIMING.value, self.client_timing)
 
     def active_relays(self) -> int:
         return len(self._relays)
@@ -133,6 +140,7 @@ class ChatHandlers:
     async def disconnect(self, sid: str) -> None:
         self._identities.pop(sid, None)
         self._followers.pop(sid, None)
+        self._timing_due.pop(sid, None)
         timer = self._expiry.pop(sid, None)
         if timer is not None:
             timer.cancel()
@@ -210,7 +218,7 @@ class ChatHandlers:
         try:
             await follow(
                 server=self.server, upstream=self._upstream, sid=sid, room_id=room_id,
-                item=item, traceparent=traceparent(), timeouts=self._settings.timeouts,
+                item=item, traceparent=random_traceparent(), timeouts=self._settings.timeouts,
             )  # fmt: skip
         except Exception:
             log.exception("follower_failed", requestId=item.request_id, roomId=room_id)
@@ -253,10 +261,15 @@ class ChatHandlers:
             requestId=request_id, roomId=msg.room_id, userId=ident.user_id,
             characterId=msg.character_id, path=path.value, flag=decision.reason,
         )  # fmt: skip
-        job = RelayJob(
-            request=request, received_at=received_at, traceparent=traceparent(),
-            fallback=flags.fallback,
+        trace = self._tracing.request(
+            "send_message", received_at,
+            {"chat.request_id": request_id, "chat.room_id": msg.room_id,
+             "chat.path": path.value, "chat.flag": decision.reason},
         )  # fmt: skip
+        job = RelayJob(
+            request=request, received_at=received_at, fallback=flags.fallback, trace=trace
+        )
+        self._expect_timing(sid, request_id)
         if path is Path.STREAM:
             self.server.spawn(self._stream(sid, job, ack))
         else:
@@ -271,9 +284,10 @@ class ChatHandlers:
         self._metrics.active.inc()
         try:
             outcome = await relay.run()
-            self._record(outcome)
+            self._record(outcome, job)
         except Exception:
             log.exception("relay_crashed")
+            job.trace.end(ok=False, attributes={"chat.code": ErrorCode.INTERNAL.value}, events={})
             await self._crashed(relay, sink)
         finally:
             self._metrics.active.dec()
@@ -300,28 +314,50 @@ class ChatHandlers:
             )  # fmt: skip
 
     async def _complete(self, sid: str, job: RelayJob, ack: AckFn) -> None:
+        accepted_at: float | None = None
+
+        def timed_ack(payload: Payload) -> None:
+            nonlocal accepted_at
+            accepted_at = time.monotonic()
+            self._metrics.ack.labels(path=Path.COMPLETE.value).observe(
+                accepted_at - job.received_at
+            )
+            ack(payload)
+
+        call = job.trace.call("complete")
         try:
             ok, code = await run_complete(
                 server=self.server, rooms=self._rooms, upstream=self._upstream, sid=sid,
-                request=job.request, ack=ack, traceparent=job.traceparent,
+                request=job.request, ack=timed_ack, traceparent=call.traceparent,
                 timeouts=self._settings.timeouts,
             )  # fmt: skip
         except Exception:
             log.exception("complete_crashed")
             ok, code = False, ErrorCode.INTERNAL
+        call.end()
         elapsed = time.monotonic() - job.received_at
+        job.trace.end(
+            ok=ok,
+            attributes={"chat.result_path": Path.COMPLETE.value, "chat.ok": ok,
+                        **({"chat.code": code.value} if code is not None else {})},
+            events={"accepted": accepted_at},
+        )  # fmt: skip
         self._metrics.requests.labels(path=Path.COMPLETE.value, ok=str(ok).lower()).inc()
         self._metrics.completion.labels(path=Path.COMPLETE.value).observe(elapsed)
         if code is not None:
             self._metrics.errors.labels(code=code.value).inc()
         log.info("request_done", ok=ok, code=code, total_ms=round(elapsed * 1000, 1))
 
-    def _record(self, outcome: Outcome) -> None:
+    def _record(self, outcome: Outcome, job: RelayJob) -> None:
         m = self._metrics
         if outcome.rejected:
             m.rejections.labels(code=str(outcome.code)).inc()
         else:
             m.requests.labels(path=outcome.path.value, ok=str(outcome.ok).lower()).inc()
+            if outcome.accepted_ms is not None:
+                m.ack.labels(path=outcome.path.value).observe(outcome.accepted_ms / 1000.0)
+        for kind in outcome.faults:
+            m.relay_faults.labels(kind=kind).inc()
         if outcome.first_chunk_ms is not None:
             m.ttft.labels(path=outcome.path.value).observe(outcome.first_chunk_ms / 1000.0)
         if outcome.total_ms is not None and not outcome.rejected:
@@ -334,12 +370,54 @@ class ChatHandlers:
             m.resumes.inc(outcome.resumes)
         if outcome.duplicates:
             m.duplicates.inc(outcome.duplicates)
+            m.relay_faults.labels(kind="duplicate").inc(outcome.duplicates)
+        self._end_trace(outcome, job)
         log.info(
             "request_done", ok=outcome.ok, result_path=outcome.path.value, reason=outcome.reason,
             code=outcome.code, resumes=outcome.resumes, duplicates=outcome.duplicates,
             accepted_ms=outcome.accepted_ms, first_chunk_ms=outcome.first_chunk_ms,
             total_ms=outcome.total_ms,
         )  # fmt: skip
+
+    @staticmethod
+    def _end_trace(outcome: Outcome, job: RelayJob) -> None:
+        def at(ms: float | None) -> float | None:
+            return None if ms is None else job.received_at + ms / 1000.0
+
+        attributes: dict[str, AttributeValue] = {
+            "chat.result_path": outcome.path.value, "chat.ok": outcome.ok,
+            "chat.reason": outcome.reason, "chat.resumes": outcome.resumes,
+        }  # fmt: skip
+        if outcome.code is not None:
+            attributes["chat.code"] = outcome.code.value
+        job.trace.end(
+            ok=outcome.ok,
+            attributes=attributes,
+            events={"accepted": at(outcome.accepted_ms), "first_chunk": at(outcome.first_chunk_ms)},
+        )
+
+    # ---- client timings -------------------------------------------------------------------
+
+    def _expect_timing(self, sid: str, request_id: str) -> None:
+        due = self._timing_due.get(sid)
+        if due is None:
+            due = self._timing_due[sid] = OrderedDict()
+        due[request_id] = None
+        while len(due) > MAX_TIMINGS_DUE_PER_SOCKET:
+            due.popitem(last=False)
+
+    async def client_timing(self, sid: str, data: object, ack: AckFn) -> None:
+        """A page's own P0 timings of a request it sent: one sample per request, else dropped."""
+        try:
+            timing = self._parse(ClientTiming, data)
+        except PayloadError as exc:
+            return self._refuse(ack, exc.code, exc.message)
+        due = self._timing_due.get(sid)
+        if due is None or due.pop(timing.request_id, False) is False:
+            return self._refuse(ack, ErrorCode.NOT_FOUND, "no request of this socket to time")
+        if timing.first_chunk_ms is not None:
+            self._metrics.client_ttft.observe(timing.first_chunk_ms / 1000.0)
+        ack({"ok": True})
 
     async def cancel_message(self, sid: str, data: object, ack: AckFn) -> None:
         try:
@@ -349,7 +427,7 @@ class ChatHandlers:
             return self._refuse(ack, exc.code, exc.message)
         structlog.contextvars.bind_contextvars(requestId=msg.request_id, userId=ident.user_id)
         try:
-            await self._upstream.cancel(msg.request_id, ident.user_id, traceparent())
+            await self._upstream.cancel(msg.request_id, ident.user_id, random_traceparent())
         except UpstreamHttpError as exc:
             return self._refuse(ack, exc.code, exc.message)
         except UpstreamError as exc:

@@ -27,6 +27,14 @@ class Metrics:
             "bridge_completion_seconds", "send_message to terminal event", ["path"], registry=r,
             buckets=LATENCY_BUCKETS_S,
         )  # fmt: skip
+        self.ack = Histogram(
+            "bridge_ack_seconds", "send_message to its accepted ack", ["path"], registry=r,
+            buckets=LATENCY_BUCKETS_S,
+        )  # fmt: skip
+        self.client_ttft = Histogram(
+            "bridge_client_ttft_seconds", "send click to first chunk, as a page reported it",
+            registry=r, buckets=LATENCY_BUCKETS_S,
+        )  # fmt: skip
         self.requests = Counter(
             "bridge_requests_total", "send_message by path and result", ["path", "ok"], registry=r
         )
@@ -37,6 +45,10 @@ class Metrics:
         self.rejections = Counter(
             "bridge_rejections_total", "rejected client events by code", ["code"], registry=r
         )
+        self.relay_faults = Counter(
+            "bridge_relay_faults_total", "stream faults a relay saw (and repaired or fell back on)",
+            ["kind"], registry=r,
+        )  # fmt: skip
         self.resumes = Counter("bridge_resumes_total", "stream resumes", registry=r)
         self.duplicates = Counter(
             "bridge_duplicate_chunks_total", "duplicate seq dropped", registry=r
@@ -46,13 +58,25 @@ class Metrics:
         )
         self.active = Gauge("bridge_active_streams", "relays in progress", registry=r)
         self.sockets = Gauge("bridge_connected_sockets", "connected sockets", registry=r)
+        self.rollout_percent = Gauge(
+            "bridge_rollout_percent",
+            "share of users on the stream path (0 when killed)",
+            registry=r,
+        )
         self.kicks = Gauge(
             "bridge_slow_consumer_disconnects", "sockets dropped over the output bound", registry=r
         )
 
-    def bind(self, *, sockets: Callable[[], float], kicks: Callable[[], float]) -> None:
+    def bind(
+        self,
+        *,
+        sockets: Callable[[], float],
+        kicks: Callable[[], float],
+        rollout_percent: Callable[[], float],
+    ) -> None:
         self.sockets.set_function(sockets)
         self.kicks.set_function(kicks)
+        self.rollout_percent.set_function(rollout_percent)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

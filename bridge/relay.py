@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import structlog
@@ -37,6 +37,7 @@ from bridge.errors import (
 )
 from bridge.payloads import Payload
 from bridge.settings import Timeouts
+from bridge.tracing import CallSpan, RequestTrace
 from bridge.upstream import Chunk, End, Failed, Start, Upstream, UpstreamEvent, UpstreamStream
 from contracts import ChatRequest, CompleteResponse, ErrorCode, Path, StreamEnd
 
@@ -62,12 +63,27 @@ class EventSink(Protocol):
         """An event for the sender's socket only."""
 
 
+def fault_kind(exc: UpstreamError) -> str:
+    """The ``bridge_relay_faults_total{kind}`` label of a broken stream."""
+    if isinstance(exc, SeqGap):
+        return "gap"
+    if isinstance(exc, UpstreamFailed):
+        return "error_event"
+    if isinstance(exc, UpstreamTimeout):
+        return "timeout"
+    if isinstance(exc, UpstreamDisconnected):
+        return "cut"
+    if isinstance(exc, UpstreamProtocolError):
+        return "protocol"
+    return "other"
+
+
 @dataclass(frozen=True, kw_only=True)
 class RelayJob:
     request: ChatRequest
     received_at: float
-    traceparent: str
     fallback: bool
+    trace: RequestTrace = field(default_factory=RequestTrace.off)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,6 +98,7 @@ class Outcome:
     first_chunk_ms: float | None = None
     total_ms: float | None = None
     rejected: bool = False
+    faults: tuple[str, ...] = ()
 
 
 class Relay:
@@ -113,6 +130,7 @@ class Relay:
         self._first_chunk_at: float | None = None
         self._resumes = 0
         self._duplicates = 0
+        self.faults: list[str] = []  # one kind per broken stream (bridge_relay_faults_total)
         self._path = Path.STREAM
 
     @property
@@ -121,34 +139,44 @@ class Relay:
 
     async def run(self) -> Outcome:
         """Drive the generation to exactly one terminal event; never raises an UpstreamError."""
+        call = self.job.trace.call("stream")
         try:
             # Bounded from the receipt of send_message, not from here: the ack waits on this
             # (plus whatever the handler's Redis round trips took under load); past the budget
             # the fallback is sent and acked instead (issue 3: acks later than 10 s).
             async with asyncio.timeout(self._open_budget_s()):
-                stream = await self._upstream.open_stream(self.job.request, self.job.traceparent)
-        except TimeoutError:
+                stream = await self._upstream.open_stream(self.job.request, call.traceparent)
+        except TimeoutError as exc:
+            call.end(exc)
             return await self._fallback(UpstreamTimeout("open stream: timed out"), "open_failed")
         except UpstreamHttpError as exc:
+            call.end(exc)
             if exc.refused:
                 return self._reject(exc)
             return await self._fallback(exc, "open_failed")
         except UpstreamError as exc:
+            call.end(exc)
             return await self._fallback(exc, "open_failed")
+        except BaseException as exc:
+            call.end(exc)
+            raise
         while True:
+            broken: UpstreamError | None = None
             try:
                 return await self._pump(stream)
             except UpstreamError as exc:
                 broken = exc
             finally:
                 await stream.aclose()
+                call.end(broken)
+            self.faults.append(fault_kind(broken))
             reason = self._unresumable(broken)
             if reason is not None:
                 return await self._fallback(broken, reason)
             resumed = await self._resume(broken)
             if resumed is None:
                 return await self._fallback(broken, "resume_failed")
-            stream = resumed
+            stream, call = resumed
 
     # ---- stream ---------------------------------------------------------------------------
 
@@ -303,22 +331,29 @@ class Relay:
             return "total_timeout"
         return None
 
-    async def _resume(self, broken: UpstreamError) -> UpstreamStream | None:
+    async def _resume(self, broken: UpstreamError) -> tuple[UpstreamStream, CallSpan] | None:
         resume_deadline = min(self._clock() + self._timeouts.resume_s, self._deadline)
         while self._resumes < self._timeouts.max_resumes and self._clock() < resume_deadline:
             self._resumes += 1
             last_seq = len(self.parts) - 1 if self.parts else None
             log.info("relay_resume", reason=type(broken).__name__, last_seq=last_seq)
+            call = self.job.trace.call("resume")
             try:
-                return await self._upstream.resume(
-                    self.request_id, self.job.request.user_id, last_seq, self.job.traceparent
+                stream = await self._upstream.resume(
+                    self.request_id, self.job.request.user_id, last_seq, call.traceparent
                 )
             except UpstreamHttpError as exc:
+                call.end(exc)
                 if exc.status == 404:
                     return None
                 broken = exc
-            except UpstreamError as exc:
+            except BaseException as exc:
+                call.end(exc)
+                if not isinstance(exc, UpstreamError):
+                    raise
                 broken = exc
+            else:
+                return stream, call
         return None
 
     async def _fallback(self, cause: UpstreamError, reason: str) -> Outcome:
@@ -332,11 +367,16 @@ class Relay:
         log.info("relay_fallback", reason=reason, cause=type(cause).__name__)
         self._path = Path.FALLBACK
         self._accept(self.message_id)  # "or when the fallback request was sent"
+        call = self.job.trace.call("fallback")
         try:
-            body = await self._upstream.complete(self.job.request, self.job.traceparent, remaining)
-        except UpstreamError as exc:
+            body = await self._upstream.complete(self.job.request, call.traceparent, remaining)
+        except BaseException as exc:
+            call.end(exc)
+            if not isinstance(exc, UpstreamError):
+                raise
             log.info("relay_fallback_failed", cause=type(exc).__name__)
             return await self._fail(cause, reason)
+        call.end()
         if not self.announced:
             await self._start(body.message_id, body.user_message_id)
         seen = "".join(self.parts)
@@ -411,4 +451,5 @@ class Relay:
             first_chunk_ms=self._ms(self._first_chunk_at),
             total_ms=self._ms(self._clock()),
             rejected=rejected,
+            faults=tuple(self.faults),
         )

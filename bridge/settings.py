@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from contracts import DEFAULT_MAX_CONTENT_CHARS
+from contracts.tracing import service_name, traces_enabled
 
 DEFAULT_BACKEND_URL = "http://127.0.0.1:8100"
 DEV_BACKEND_TOKEN = "dev-backend-token"
@@ -33,6 +34,7 @@ DEFAULT_FLAGS_REFRESH_S = 0.5
 DEFAULT_STREAMING_PERCENT = 100.0
 DEFAULT_CHANNEL = "chat-bridge"
 DEFAULT_LOG_LEVEL = "INFO"
+DEFAULT_SERVICE_NAME = "chat-bridge"
 
 
 class SettingsError(ValueError):
@@ -87,6 +89,9 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     channel: str = DEFAULT_CHANNEL
     log_level: str = DEFAULT_LOG_LEVEL
+    # OpenTelemetry traces (contracts/tracing.py: off unless an OTLP endpoint is configured)
+    tracing: bool = False
+    service_name: str = DEFAULT_SERVICE_NAME
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -143,6 +148,8 @@ class Settings:
             cors_origins=tuple(sorted(env.names("BRIDGE_CORS_ORIGINS"))),
             channel=env.text("BRIDGE_CHANNEL") or DEFAULT_CHANNEL,
             log_level=(env.text("BRIDGE_LOG_LEVEL") or DEFAULT_LOG_LEVEL).upper(),
+            tracing=traces_enabled(environ),
+            service_name=service_name(environ, DEFAULT_SERVICE_NAME),
         )
 
 

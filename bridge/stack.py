@@ -34,6 +34,7 @@ import httpx
 
 from bridge.app import Bridge
 from bridge.auth import make_token
+from bridge.prometheus import LocalPrometheus
 from bridge.settings import DEV_JWT_SECRET, Settings
 from contracts.redis_server import EmbeddedRedis, free_port
 
@@ -71,9 +72,10 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(BACKEND_STOP_TIMEOUT_S)
 
 
-def run_stack(host: str, port: int, environ: Mapping[str, str]) -> int:
+def run_stack(host: str, port: int, environ: Mapping[str, str], *, prometheus: bool = False) -> int:
     redis = EmbeddedRedis().start()
     backend: subprocess.Popen[bytes] | None = None
+    scraper: LocalPrometheus | None = None
     try:
         backend_port = free_port(host)
         backend_url = f"http://{host}:{backend_port}"
@@ -95,6 +97,10 @@ def run_stack(host: str, port: int, environ: Mapping[str, str]) -> int:
             "token": make_token(secret, DEV_USER, roles=["internal"], ttl_s=86_400),
         }
         info["pageUrl"] = f"{info['bridgeUrl']}/?token={info['token']}"  # JWTs are URL-safe
+        if prometheus:
+            targets = {"chat-bridge": f"{host}:{port}", "chat-backend": f"{host}:{backend_port}"}
+            scraper = LocalPrometheus(targets, host=host).start()
+            info["prometheusUrl"] = scraper.url
 
         async def announce() -> None:
             print(_banner(info), flush=True)
@@ -104,6 +110,8 @@ def run_stack(host: str, port: int, environ: Mapping[str, str]) -> int:
         return 0
     finally:
         with _signals_deferred():
+            if scraper is not None:
+                scraper.stop()
             if backend is not None:
                 stop_process(backend)
             redis.stop()
@@ -128,6 +136,14 @@ def _banner(info: Mapping[str, str]) -> str:
             f"  bridge   {info['bridgeUrl']}  (Socket.IO v4 at /socket.io; /healthz /metrics)",
             f"  backend  {info['backendUrl']}",
             f"  redis    {info['redisUrl']}",
+            *(
+                [
+                    f"  prometheus {info['prometheusUrl']}  (scrapes both, with the chart's alarms;"
+                    " the dashboard's queries: helm/chat-bridge/files/grafana/dashboard.json)"
+                ]
+                if "prometheusUrl" in info
+                else []
+            ),
             f"  dev JWT for user {DEV_USER!r} (24 h, signed with JWT_SECRET={info['jwtSecret']}):",
             f"    {info['token']}",
             "  or from a terminal:",

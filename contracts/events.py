@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -17,6 +17,7 @@ class ClientEvent(StrEnum):
     LEAVE_ROOM = "leave_room"
     SEND_MESSAGE = "send_message"
     CANCEL_MESSAGE = "cancel_message"
+    CLIENT_TIMING = "client_timing"
 
 
 class ServerEvent(StrEnum):
@@ -58,6 +59,19 @@ class SendMessage(WireModel):
 
 class CancelMessage(WireModel):
     request_id: Id
+
+
+# A page's own P0 timings of one of its requests, ms from its send click (never trusted for
+# anything but a metric: bounded so that a client cannot skew a histogram by more than a sample).
+TimingMs = Annotated[float, Field(ge=0, le=600_000, allow_inf_nan=False)]
+
+
+class ClientTiming(WireModel):
+    request_id: Id
+    sent_at: Annotated[float, Field(ge=0, allow_inf_nan=False)]  # epoch ms of the send click
+    start_ms: TimingMs | None = None
+    first_chunk_ms: TimingMs | None = None
+    end_ms: TimingMs | None = None
 
 
 # ---- acks ---------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ SOCKETIO_MESSAGES: list[tuple[str, str, type[WireModel]]] = [
     ("leave_room", "client->bridge", events.LeaveRoom),
     ("send_message", "client->bridge", events.SendMessage),
     ("cancel_message", "client->bridge", events.CancelMessage),
+    ("client_timing", "client->bridge", events.ClientTiming),
     ("new_message", "bridge->client", events.NewMessage),
     ("ai_message_start", "bridge->client", events.AiMessageStart),
     ("ai_message_chunk", "bridge->client", events.AiMessageChunk),

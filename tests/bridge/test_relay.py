@@ -140,7 +140,7 @@ async def _run(
     clock: Callable[[], float] = time.monotonic,
 ) -> tuple[RecordingSink, Outcome]:
     sink = RecordingSink()
-    job = RelayJob(request=REQ, received_at=clock(), traceparent="tp", fallback=fallback)
+    job = RelayJob(request=REQ, received_at=clock(), fallback=fallback)
     timeouts = Timeouts(total_s=total_s, resume_s=5.0, max_resumes=3)
     relay = Relay(job, upstream=upstream, sink=sink, timeouts=timeouts, clock=clock)
     return sink, await relay.run()
