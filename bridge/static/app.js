@@ -4,7 +4,22 @@
 // Every request is one "turn" (<li class="turn">) keyed by requestId: the user's message, the
 // assistant's reply and a meta line (path, TTFT, total). State for tests and styling lives in
 // data attributes: turn[data-state] pending|streaming|done|cancelled|error|rejected,
-// turn[data-path], .reply[data-chunk-renders], #status[data-state] / [data-code].
+// turn[data-path], .reply[data-chunk-renders] (chunks whose text is on screen),
+// .reply[data-frame-renders] (DOM writes of chunk text), #status[data-state] / [data-code].
+//
+// Chunks are rendered once per animation frame (issue 9, seed P3): ai_message_chunk only files
+// the chunk under its seq and moves the contiguous prefix into the turn's pending text; one
+// requestAnimationFrame callback per frame writes each turn's pending text into the DOM at once,
+// so a burst of chunks costs one layout per frame, not one per chunk. ai_message_end and
+// ai_message_error flush what is pending first. window.__renderStats counts what that code path
+// did ({frames: rAF callbacks that wrote, flushes: chunk-text DOM writes, chunks: chunks taken}),
+// for the page test; nothing reads it back.
+//
+// For every request this page sent, the page reports its own P0 timings once, when the request
+// ends (ai_message_end or ai_message_error): client_timing {requestId, sentAt (epoch ms of the
+// send click), startMs, firstChunkMs, endMs (ms from the click to the receipt of
+// ai_message_start, the first chunk, the terminal event)}. window.__lastClientTiming is the last
+// payload emitted, set where it is emitted.
 "use strict";
 
 (() => {
@@ -20,6 +35,10 @@
   const mine = []; // requestIds sent from this page and not finished, oldest first
   let socket = null;
   let roomId = null;
+  const dirty = new Set(); // turns with pending chunk text, written at the next frame
+  let frameRequested = false;
+  const stats = { frames: 0, flushes: 0, chunks: 0 };
+  window.__renderStats = stats;
 
   const now = () => performance.now();
   const ms = (value) => (value == null ? "–" : value < 1000 ? `${Math.round(value)} ms` : `${(value / 1000).toFixed(2)} s`);
@@ -98,13 +117,21 @@
     reply.box.hidden = true;
     reply.text.classList.add("reply");
     reply.text.dataset.chunkRenders = "0";
+    reply.text.dataset.frameRenders = "0";
     const meta = document.createElement("p");
     meta.className = "meta";
     li.append(user.box, reply.box, meta);
     els.log.append(li);
     turn = {
-      requestId, li, user, reply, meta, messageId: null, chunks: [], renders: 0,
-      sentAt: null, firstChunkAt: null, endedAt: null, path: null, note: "",
+      requestId, li, user, reply, meta, messageId: null,
+      chunks: [], // chunk text by seq, holes until they come
+      taken: 0, // chunks[0..taken) are contiguous and in `rendered` or `pending`
+      rendered: "", // the chunk text in the DOM
+      pending: "", // contiguous chunk text not in the DOM yet
+      renders: 0, // chunks whose text is in the DOM
+      frameRenders: 0, // DOM writes of chunk text
+      sentAt: null, sentEpochMs: null, startAt: null, firstChunkAt: null, endedAt: null,
+      timingSent: false, path: null, note: "",
     };
     turns.set(requestId, turn);
     return turn;
@@ -145,6 +172,57 @@
     scrollToEnd();
   }
 
+  // One DOM write of the turn's pending chunk text; false when nothing was pending.
+  function flushTurn(turn) {
+    dirty.delete(turn);
+    if (!turn.pending) return false;
+    turn.rendered += turn.pending;
+    turn.pending = "";
+    turn.renders = turn.taken;
+    turn.frameRenders += 1;
+    stats.flushes += 1;
+    turn.reply.box.hidden = false;
+    turn.reply.text.textContent = turn.rendered;
+    turn.reply.text.dataset.chunkRenders = String(turn.renders);
+    turn.reply.text.dataset.frameRenders = String(turn.frameRenders);
+    if (turn.li.dataset.state !== "streaming") setState(turn, "streaming");
+    else renderMeta(turn);
+    return true;
+  }
+
+  function onFrame() {
+    frameRequested = false;
+    let wrote = false;
+    for (const turn of [...dirty]) wrote = flushTurn(turn) || wrote;
+    if (wrote) {
+      stats.frames += 1;
+      scrollToEnd();
+    }
+  }
+
+  function scheduleFlush(turn) {
+    dirty.add(turn);
+    if (frameRequested) return;
+    frameRequested = true;
+    requestAnimationFrame(onFrame);
+  }
+
+  // The page's own timings of a request it sent, once, at its end (CONTRACT.md: client_timing).
+  function reportTiming(turn) {
+    if (turn.sentAt == null || turn.timingSent || !socket) return;
+    turn.timingSent = true;
+    const since = (at) => (at == null ? undefined : Math.max(0, Math.round(at - turn.sentAt)));
+    const timing = {
+      requestId: turn.requestId,
+      sentAt: turn.sentEpochMs,
+      startMs: since(turn.startAt),
+      firstChunkMs: since(turn.firstChunkAt),
+      endMs: since(turn.endedAt),
+    };
+    window.__lastClientTiming = timing;
+    socket.emit("client_timing", timing);
+  }
+
   // ---- bridge -> client -------------------------------------------------------------------
 
   function onNewMessage(data) {
@@ -167,6 +245,7 @@
   function onStart(data) {
     const turn = turnFor(data.requestId);
     turn.messageId = data.messageId;
+    if (turn.startAt == null) turn.startAt = now();
     turn.reply.box.hidden = false;
     turn.reply.box.classList.add("streaming");
     if (!["done", "cancelled", "error"].includes(turn.li.dataset.state)) setState(turn, "streaming");
@@ -179,29 +258,33 @@
     const turn = turnFor(data.requestId);
     if (["done", "cancelled", "error"].includes(turn.li.dataset.state)) return;
     turn.chunks[data.seq] = data.chunk;
+    stats.chunks += 1;
     if (turn.firstChunkAt == null) turn.firstChunkAt = now();
-    // Render the contiguous prefix only (seq 0..n without a hole).
-    let text = "";
-    for (let i = 0; i < turn.chunks.length && turn.chunks[i] !== undefined; i += 1) text += turn.chunks[i];
-    turn.renders += 1;
-    turn.reply.text.dataset.chunkRenders = String(turn.renders);
+    // Only the contiguous prefix (seq 0..n without a hole) goes to the screen, in seq order.
+    const before = turn.taken;
+    while (turn.taken < turn.chunks.length && turn.chunks[turn.taken] !== undefined) {
+      turn.pending += turn.chunks[turn.taken];
+      turn.taken += 1;
+    }
+    if (turn.taken === before) return;
     turn.reply.box.classList.add("streaming");
-    showReply(turn, text);
-    if (turn.li.dataset.state !== "streaming") setState(turn, "streaming");
-    else renderMeta(turn);
+    scheduleFlush(turn);
   }
 
   function onEnd(data) {
     const turn = turnFor(data.requestId);
     turn.messageId = data.messageId;
+    flushTurn(turn); // the chunks so far first, then the end's content over them
     turn.reply.box.classList.remove("streaming");
     showReply(turn, data.content); // authoritative
     if (data.finishReason && data.finishReason !== "stop") turn.note = `finish ${data.finishReason}`;
     setState(turn, data.finishReason === "cancelled" ? "cancelled" : "done");
+    reportTiming(turn);
   }
 
   function onError(data) {
     const turn = turnFor(data.requestId);
+    flushTurn(turn);
     turn.reply.box.classList.remove("streaming");
     turn.reply.box.hidden = false;
     turn.reply.box.classList.add("failed");
@@ -209,6 +292,7 @@
     turn.note = `error ${data.code}${data.retryable ? " (retryable)" : ""}`;
     turn.reply.text.textContent = `${turn.reply.text.textContent}${turn.reply.text.textContent ? "\n" : ""}⚠ ${data.code}: ${data.message}`;
     setState(turn, "error");
+    reportTiming(turn);
   }
 
   function onMessageAck(data) {
@@ -283,6 +367,7 @@
     const requestId = newRequestId();
     const turn = turnFor(requestId);
     turn.sentAt = now();
+    turn.sentEpochMs = Date.now();
     turn.user.text.textContent = content;
     turn.user.box.classList.add("pending");
     mine.push(requestId);
