@@ -7,12 +7,8 @@ Screenshots: /tmp/page.png and /tmp/page-unauthorized.png (``PAGE_SCREENSHOT`` m
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,76 +16,25 @@ from typing import Any
 
 import pytest
 
-from contracts.redis_server import EmbeddedRedis
 from tests.bridge.harness import FAST_ENV, token
-from tests.e2e.node import HERE, NODE_MODULES
-from tests.support.procs import ServerProcess
+from tests.e2e import pages
+from tests.e2e.node import HERE
+from tests.e2e.pages import page_stack, run_script
 
 pytestmark = pytest.mark.e2e
 
 REPO = HERE.parent.parent
-CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
 SCREENSHOT = os.environ.get("PAGE_SCREENSHOT", "/tmp/page.png")
 BAD = str(Path(SCREENSHOT).with_name(Path(SCREENSHOT).stem + "-unauthorized.png"))
 BACKEND_TOKEN = "page-backend-token"
 
 
-def _chromium() -> str:
-    path = CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium")
-    if path is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"chromium not found at {CHROMIUM} (required on CI)")
-        pytest.skip(f"chromium not found at {CHROMIUM}")
-    return path
-
-
 @pytest.fixture(scope="module")
 def stack(node_modules: None) -> Iterator[dict[str, str]]:
     """A private Redis (this test flips flags), the backend at a visible pace, one bridge."""
-    assert (NODE_MODULES / "playwright-core").exists(), "run npm ci in tests/e2e"
-    with EmbeddedRedis() as redis:
-        backend_env = {
-            "REDIS_URL": redis.url,
-            "BACKEND_TOKEN": BACKEND_TOKEN,
-            "PROVIDER": "scripted",
-            "SCRIPTED_TTFT_MS": "150",
-            "SCRIPTED_TOKENS_PER_S": "40",
-            "SCRIPTED_REPLY_TOKENS": "14",
-            "SCRIPTED_DIRECTIVES": "1",
-        }
-        with ServerProcess.python_module("backend_stream", env=backend_env) as backend:
-            bridge_env = {
-                **FAST_ENV,
-                "BACKEND_URL": backend.url,
-                "BACKEND_TOKEN": BACKEND_TOKEN,
-                "REDIS_URL": redis.url,
-                "BRIDGE_FIRST_CHUNK_TIMEOUT_S": "5",
-                "BRIDGE_IDLE_TIMEOUT_S": "5",
-            }
-            with ServerProcess.python_module("bridge", env=bridge_env) as bridge:
-                yield {"url": bridge.url, "redisUrl": redis.url}
-
-
-def _run_page(spec: dict[str, Any], timeout_s: float = 120.0) -> list[dict[str, Any]]:
-    node = shutil.which("node")
-    assert node is not None, "node is required for the e2e tests"
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
-        json.dump(spec, fh)
-    try:
-        proc = subprocess.run(
-            [node, str(HERE / "page.mjs"), fh.name],
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            cwd=HERE,
-        )
-    finally:
-        Path(fh.name).unlink(missing_ok=True)
-    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert proc.returncode == 0, (
-        f"page.mjs failed ({proc.returncode}): {records[-4:]}\n{proc.stderr}"
-    )
-    return records
+    pace = {"SCRIPTED_TTFT_MS": "150", "SCRIPTED_TOKENS_PER_S": "40", "SCRIPTED_REPLY_TOKENS": "14"}
+    with page_stack(BACKEND_TOKEN, pace) as (url, redis_url):
+        yield {"url": url, "redisUrl": redis_url}
 
 
 def _turn(records: list[dict[str, Any]], label: str) -> dict[str, Any]:
@@ -119,11 +64,12 @@ def _check_streamed(turn: dict[str, Any], sent: str) -> None:
 
 
 def test_page_in_chromium_streams_completes_cancels_and_refuses(stack: dict[str, str]) -> None:
-    chromium = _chromium()
+    chromium = pages.chromium()
     user = f"page-{uuid.uuid4().hex[:8]}"
     english, korean = "hello there", "안녕하세요, 오늘 날씨 어때요?"
     flip = [sys.executable, "-m", "bridge", "flags", "set", f"deny_users={user}"]
-    records = _run_page(
+    records = run_script(
+        "page.mjs",
         {
             "url": stack["url"],
             "token": token(user),
@@ -144,7 +90,7 @@ def test_page_in_chromium_streams_completes_cancels_and_refuses(stack: dict[str,
                 {"do": "openWithToken", "label": "bad", "token": "not-a-jwt", "screenshot": BAD},
                 {"do": "openWithToken", "label": "expired", "token": token(user, ttl_s=-10)},
             ],
-        }  # fmt: skip
+        },  # fmt: skip
     )
     _check_streamed(_turn(records, "en"), english)
     ko = _turn(records, "ko")

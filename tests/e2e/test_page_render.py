@@ -12,30 +12,22 @@ here. Skipped only when Chromium is absent and not on CI, like tests/e2e/test_pa
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import shutil
-import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from backend_stream.providers.scripted import reply_tokens_for
-from contracts.redis_server import EmbeddedRedis
-from tests.bridge.harness import FAST_ENV, token
-from tests.e2e.node import HERE, NODE_MODULES
-from tests.support.procs import ServerProcess
+from tests.bridge.harness import token
+from tests.e2e import pages
+from tests.e2e.pages import page_stack, run_script
 
 pytestmark = pytest.mark.e2e
 
-CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
 BACKEND_TOKEN = "page-render-backend-token"
 BURST_TOKENS = 300
 # 1,000 tokens/s with FLUSH_WINDOW_MS=0: one chunk per token, ~17 chunks per 60 Hz frame.
@@ -43,59 +35,11 @@ BURST = f"[[ttft_ms=50]] [[tps=1000]] [[tokens={BURST_TOKENS}]] burst please"
 JANK_MS = 5000  # longer than the whole reply (~0.3 s of chunks)
 
 
-def _chromium() -> str:
-    path = CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium")
-    if path is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"chromium not found at {CHROMIUM} (required on CI)")
-        pytest.skip(f"chromium not found at {CHROMIUM}")
-    return path
-
-
 @pytest.fixture(scope="module")
 def stack(node_modules: None) -> Iterator[str]:
-    assert (NODE_MODULES / "playwright-core").exists(), "run npm ci in tests/e2e"
-    with EmbeddedRedis() as redis:
-        backend_env = {
-            "REDIS_URL": redis.url,
-            "BACKEND_TOKEN": BACKEND_TOKEN,
-            "PROVIDER": "scripted",
-            "SCRIPTED_DIRECTIVES": "1",
-            "FLUSH_WINDOW_MS": "0",  # no coalescing: every token is a chunk
-        }
-        with ServerProcess.python_module("backend_stream", env=backend_env) as backend:
-            bridge_env = {
-                **FAST_ENV,
-                "BACKEND_URL": backend.url,
-                "BACKEND_TOKEN": BACKEND_TOKEN,
-                "REDIS_URL": redis.url,
-                "BRIDGE_FIRST_CHUNK_TIMEOUT_S": "5",
-                "BRIDGE_IDLE_TIMEOUT_S": "5",
-            }
-            with ServerProcess.python_module("bridge", env=bridge_env) as bridge:
-                yield bridge.url
-
-
-def _run(spec: dict[str, Any], timeout_s: float = 90.0) -> list[dict[str, Any]]:
-    node = shutil.which("node")
-    assert node is not None, "node is required for the e2e tests"
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
-        json.dump(spec, fh)
-    try:
-        proc = subprocess.run(
-            [node, str(HERE / "page_render.mjs"), fh.name],
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            cwd=HERE,
-        )
-    finally:
-        Path(fh.name).unlink(missing_ok=True)
-    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert proc.returncode == 0, (
-        f"page_render.mjs failed ({proc.returncode}): {records[-6:]}\n{proc.stderr}"
-    )
-    return records
+    # no coalescing: every token is a chunk
+    with page_stack(BACKEND_TOKEN, {"FLUSH_WINDOW_MS": "0"}) as (url, _):
+        yield url
 
 
 def _check_rendered(tab: dict[str, Any], expected: str) -> None:
@@ -122,10 +66,11 @@ def _check_rendered(tab: dict[str, Any], expected: str) -> None:
 
 
 def test_page_renders_a_chunk_burst_per_frame_and_reports_its_timings(stack: str) -> None:
-    chromium = _chromium()
+    chromium = pages.chromium()
     user = f"render-{uuid.uuid4().hex[:8]}"
     before_ms = time.time() * 1000
-    records = _run(
+    records = run_script(
+        "page_render.mjs",
         {
             "url": stack,
             "token": token(user),
@@ -133,7 +78,7 @@ def test_page_renders_a_chunk_burst_per_frame_and_reports_its_timings(stack: str
             "chromium": chromium,
             "text": BURST,
             "jankMs": JANK_MS,
-        }
+        },
     )
     after_ms = time.time() * 1000
     expected = "".join(reply_tokens_for(BURST, BURST_TOKENS))

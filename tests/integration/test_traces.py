@@ -50,6 +50,16 @@ class Receiver:
     def trace(self, trace_id: str) -> list[Span]:
         return [s for s in self.spans if s.trace_id == trace_id]
 
+    async def request_span(self, request_id: str, wait_s: float = 15.0) -> Span:
+        """The bridge's ``send_message`` span of ``request_id``."""
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            for s in self.spans:
+                if s.name == "send_message" and s.attributes.get("chat.request_id") == request_id:
+                    return s
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"no send_message span of {request_id} received")
+
     async def wait_for(self, trace_id: str, names: set[str], wait_s: float = 15.0) -> list[Span]:
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
@@ -148,17 +158,7 @@ async def test_one_message_is_one_trace_across_bridge_backend_and_model(
 ) -> None:
     url, receiver = traced
     rid = await _send(url, "hello traces")
-    # find the trace by the request id the bridge put on its span
-    deadline = time.monotonic() + 15
-    root: Span | None = None
-    while root is None and time.monotonic() < deadline:
-        root = next(
-            (s for s in receiver.spans if s.attributes.get("chat.request_id") == rid
-             and s.name == "send_message"),
-            None,
-        )  # fmt: skip
-        await asyncio.sleep(0.1)
-    assert root is not None, "no send_message span received"
+    root = await receiver.request_span(rid)  # the trace, found by the bridge's request id
     names = {"send_message", "stream", "POST /chat/messages/stream", "generation", "model.call"}
     spans = _by_name(await receiver.wait_for(root.trace_id, names))
 
@@ -189,16 +189,7 @@ async def test_the_fallback_is_a_child_span_with_the_backends_complete_request_b
 ) -> None:
     url, receiver = traced
     rid = await _send(url, "[[fail_after=3]] break the stream")
-    deadline = time.monotonic() + 15
-    root: Span | None = None
-    while root is None and time.monotonic() < deadline:
-        root = next(
-            (s for s in receiver.spans if s.attributes.get("chat.request_id") == rid
-             and s.name == "send_message"),
-            None,
-        )  # fmt: skip
-        await asyncio.sleep(0.1)
-    assert root is not None
+    root = await receiver.request_span(rid)
     spans = await receiver.wait_for(root.trace_id, {"stream", "fallback", "POST /chat/messages"})
     named = _by_name(spans)
     assert named["stream"].error  # the stream broke: its span says so
