@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -136,4 +137,44 @@ def test_stack_in_its_own_group_stops_its_children_even_on_a_repeated_sigterm() 
                 child.kill()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="dev.sh installs prometheus")
+def test_stack_with_prometheus_scrapes_both_services_and_loads_the_alarms() -> None:
+    """``bash dev.sh up --prometheus``: the same Prometheus as the observability tests."""
+    port = free_port()
+    env = {**os.environ, "SCRIPTED_TTFT_MS": "20"}
+    env.pop("REDIS_URL", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bridge", "stack", "--port", str(port), "--prometheus"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    children: list[psutil.Process] = []
+    try:
+        info = _read_ready(proc)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        url = info["prometheusUrl"]
+        jobs: dict[str, str] = {}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and sorted(jobs.values()) != ["up", "up"]:
+            reply = httpx.get(f"{url}/api/v1/targets", timeout=5).json()
+            jobs = {t["labels"]["job"]: t["health"] for t in reply["data"]["activeTargets"]}
+            time.sleep(0.5)
+        assert jobs == {"chat-bridge": "up", "chat-backend": "up"}
+        groups = httpx.get(f"{url}/api/v1/rules", timeout=5).json()["data"]["groups"]
+        assert {g["name"] for g in groups} >= {"chat-bridge.gates", "chat-bridge.rollback"}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, alive  # prometheus, backend and Redis stopped with the stack
+    finally:
+        for child in children:
+            if child.is_running():
+                child.kill()
+        if proc.poll() is None:
+            proc.kill()
             proc.wait(10)

@@ -143,21 +143,23 @@ def _by_name(spans: list[Span]) -> dict[str, Span]:
     return {s.name: s for s in spans}
 
 
-async def _send(url: str, content: str) -> str:
+async def _send(url: str, content: str) -> tuple[str, int]:
+    """Send one message and wait for its end; (requestId, chunks the sender received)."""
     user, room, rid = new_id("user"), new_id("room"), new_id("req")
     async with connected(url, user) as client:
         assert (await client.call("join_room", {"roomId": room}))["ok"] is True
         payload = {"roomId": room, "content": content, "requestId": rid}
         assert (await client.call("send_message", payload))["ok"] is True
         await client.wait_for("message_ack", wait_s=20)
-    return rid
+    return rid, len(client.named("ai_message_chunk"))
 
 
 async def test_one_message_is_one_trace_across_bridge_backend_and_model(
     traced: tuple[str, Receiver],
 ) -> None:
     url, receiver = traced
-    rid = await _send(url, "hello traces")
+    rid, chunks = await _send(url, "[[tps=100]] [[tokens=30]] hello traces")
+    assert chunks >= 5
     root = await receiver.request_span(rid)  # the trace, found by the bridge's request id
     names = {"send_message", "stream", "POST /chat/messages/stream", "generation", "model.call"}
     spans = _by_name(await receiver.wait_for(root.trace_id, names))
@@ -182,13 +184,17 @@ async def test_one_message_is_one_trace_across_bridge_backend_and_model(
     assert root.start_ns <= stream.start_ns <= request.start_ns <= gen.start_ns
     assert model.end_ns <= gen.end_ns
     assert not any(s.error for s in spans.values())
+    # per request, never per chunk: a reply of many chunks is these five spans and no more
+    await asyncio.sleep(0.5)
+    assert len(receiver.trace(root.trace_id)) == len(names)
+    assert len(root.events) == 2 and len(gen.events) == 5
 
 
 async def test_the_fallback_is_a_child_span_with_the_backends_complete_request_below_it(
     traced: tuple[str, Receiver],
 ) -> None:
     url, receiver = traced
-    rid = await _send(url, "[[fail_after=3]] break the stream")
+    rid, _ = await _send(url, "[[fail_after=3]] break the stream")
     root = await receiver.request_span(rid)
     spans = await receiver.wait_for(root.trace_id, {"stream", "fallback", "POST /chat/messages"})
     named = _by_name(spans)
