@@ -26,6 +26,7 @@ from bridge.flags import FlagStore
 from bridge.handlers import ChatHandlers
 from bridge.metrics import Metrics
 from bridge.page import PageApp
+from bridge.rest import ClientApi
 from bridge.rooms import RoomRegistry
 from bridge.settings import Settings
 from bridge.sio import SocketServer
@@ -99,6 +100,7 @@ class Bridge:
             rate_window_s=settings.rate_window_s,
             room_ttl_s=settings.room_ttl_s,
         )
+        self.client_api = ClientApi(auth=auth, rooms=self.rooms, upstream=self.upstream)
         self.tracing = Tracing.create(enabled=settings.tracing, service_name=settings.service_name)
         self._handlers = ChatHandlers(
             settings=settings, auth=auth, rooms=self.rooms, flags=self.flags,
@@ -211,6 +213,8 @@ class Bridge:
             await _reply(send, 200 if ok else 503, body)
         elif path == "/metrics":
             await _reply(send, 200, self.metrics.render(), "text/plain; version=0.0.4")
+        elif await self.client_api.handle(scope, send):
+            pass
         else:
             await _reply(send, 404, b'{"error":"not found"}')
 

@@ -34,6 +34,7 @@ from bridge.tracing import Tracing, random_traceparent
 from bridge.upstream import Upstream
 from contracts import (
     CancelMessage,
+    ChangeMember,
     ChatRequest,
     ClientEvent,
     ClientTiming,
@@ -42,6 +43,7 @@ from contracts import (
     JoinRoom,
     LeaveRoom,
     Path,
+    RoomEventType,
     SendMessage,
     ServerEvent,
     WireModel,
@@ -56,6 +58,8 @@ log = structlog.get_logger("bridge.handlers")
 MAX_FOLLOWERS_PER_SOCKET = 16
 MAX_ROOMS_PER_SOCKET = 64
 MAX_TIMINGS_DUE_PER_SOCKET = 16
+MAX_MEMBERS = 1000  # members an owner may add to one room
+MEMBER_REMOVED_CONTROL = "bridge:member_removed"
 STORE_BUSY = "room state unavailable, try again"
 
 
@@ -107,6 +111,9 @@ class ChatHandlers:
         server.on("send_message", self.send_message)
         server.on("cancel_message", self.cancel_message)
         server.on(ClientEvent.CLIENT_TIMING.value, self.client_timing)
+        server.on(ClientEvent.ADD_MEMBER.value, self.add_member)
+        server.on(ClientEvent.REMOVE_MEMBER.value, self.remove_member)
+        server.on_control(MEMBER_REMOVED_CONTROL, self._member_removed)
 
     def active_relays(self) -> int:
         return len(self._relays)
@@ -191,7 +198,8 @@ class ChatHandlers:
                 raise PayloadError(ErrorCode.RATE_LIMITED, "too many rooms on one connection")
         # Presence is written (by join) before in-flight generations are read and before the
         # room's first event (relay): whichever side writes last sees the other.
-        if not await self._rooms.join(room_id, ident.user_id):
+        granted = ident.rooms.admits(room_id)
+        if not await self._rooms.join(room_id, ident.user_id, granted=granted):
             raise PayloadError(ErrorCode.FORBIDDEN, "not a member of this room")
         if not self.server.in_room(sid, room_id):
             await self.server.enter_room(sid, room_id)
@@ -395,6 +403,46 @@ class ChatHandlers:
             attributes=attributes,
             events={"accepted": at(outcome.accepted_ms), "first_chunk": at(outcome.first_chunk_ms)},
         )
+
+    # ---- members ---------------------------------------------------------------------------
+
+    async def add_member(self, sid: str, data: object, ack: AckFn) -> None:
+        await self._change_member(sid, data, ack, add=True)
+
+    async def remove_member(self, sid: str, data: object, ack: AckFn) -> None:
+        await self._change_member(sid, data, ack, add=False)
+
+    async def _change_member(self, sid: str, data: object, ack: AckFn, *, add: bool) -> None:
+        """The owner adds or removes a member (CONTRACT.md "Rooms and members"); a removed
+        member's sockets leave the room on every replica before anything else reaches them."""
+        try:
+            ident = self._identity(sid)
+            msg = self._parse(ChangeMember, data)
+            room_id = msg.room_id
+            if add and await self._rooms.member_count(room_id) >= MAX_MEMBERS:
+                raise PayloadError(ErrorCode.RATE_LIMITED, f"a room has at most {MAX_MEMBERS}")
+            members = await self._rooms.change_member(room_id, ident.user_id, msg.user_id, add=add)
+            if members is None:
+                raise PayloadError(ErrorCode.FORBIDDEN, "only the room's owner changes members")
+            kind = RoomEventType.MEMBER_ADDED if add else RoomEventType.MEMBER_REMOVED
+            event = payloads.room_event(room_id, kind, msg.user_id)
+            self.server.emit_local(room_id, ServerEvent.ROOM_EVENT, event)
+            await self.server.publish(room_id, ServerEvent.ROOM_EVENT, event)
+            if not add:
+                await self.server.control(room_id, MEMBER_REMOVED_CONTROL, {"userId": msg.user_id})
+        except PayloadError as exc:
+            return self._refuse(ack, exc.code, exc.message)
+        except StoreError:
+            return self._refuse(ack, ErrorCode.BACKEND_UNAVAILABLE, STORE_BUSY)
+        ack(payloads.members_ack(room_id, members))
+
+    def _member_removed(self, room_id: str, payload: Payload) -> None:
+        """On every replica: the removed user's local sockets leave the room now."""
+        user_id = payload.get("userId")
+        for sid in self.server.local_sids(room_id):
+            ident = self._identities.get(sid)
+            if ident is not None and ident.user_id == user_id:
+                self.server.leave_room_now(sid, room_id)
 
     # ---- client timings -------------------------------------------------------------------
 

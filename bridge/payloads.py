@@ -185,3 +185,11 @@ def session_expired() -> Payload:
 
 def join_ack(room_id: str, in_flight: list[str]) -> Payload:
     return {"ok": True, "roomId": room_id, "inFlight": in_flight}
+
+
+def members_ack(room_id: str, members: list[str]) -> Payload:
+    return {"ok": True, "roomId": room_id, "members": members}
+
+
+def room_event(room_id: str, kind: str, user_id: str) -> Payload:
+    return {"roomId": room_id, "type": str(kind), "userId": user_id, "at": utc_now_iso()}

@@ -2,6 +2,7 @@
 
 Keys (all under ``bridge:``):
 - ``room:{roomId}:owner``     the user who first joined the room (CONTRACT.md "Rooms").
+- ``room:{roomId}:members``   users the owner added (``add_member``); expires with the owner.
 - ``room:{roomId}:hosts``     set of replica host ids with local members of the room. A relay
   publishes its events through the Redis queue only while another live replica is in this set
   (ARCHITECTURE.md "Scale": local emits skip the queue).
@@ -41,20 +42,38 @@ HOSTS_TTL_S = 4 * HEARTBEAT_TTL_S  # refreshed by every heartbeat of a replica i
 OWNER_REFRESH_MAX_S = 3600.0  # the heartbeat re-arms the owners of rooms in use at least this often
 OWNER_CACHE_MAX = 100_000
 
-# Claim the room for ARGV[1] unless owned; when ARGV[1] owns it, record this host's presence
-# and re-arm both keys' idle expiry (ARGV[3]: the owner's, ARGV[4]: the hosts set's).
+# Claim the room for ARGV[1] unless owned. ARGV[1] may use it when it owns it, the owner added
+# it (the members set), or its token's ``rooms`` claim admits the room (ARGV[5] == '1'); then
+# record this host's presence and re-arm the keys' idle expiry (ARGV[3]: the owner's and the
+# members', ARGV[4]: the hosts set's). Returns {owner, 1 | 0}.
 JOIN_SCRIPT = """
 local owner = redis.call('GET', KEYS[1])
 if not owner then
   redis.call('SET', KEYS[1], ARGV[1])
   owner = ARGV[1]
 end
-if owner == ARGV[1] then
+local allowed = owner == ARGV[1] or ARGV[5] == '1'
+  or redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 1
+if allowed then
   redis.call('EXPIRE', KEYS[1], ARGV[3])
+  redis.call('EXPIRE', KEYS[3], ARGV[3])
   redis.call('SADD', KEYS[2], ARGV[2])
   redis.call('EXPIRE', KEYS[2], ARGV[4])
 end
-return owner
+return {owner, allowed and 1 or 0}
+"""
+
+# The owner (ARGV[1]) adds ('add') or removes ('remove') ARGV[2]; ARGV[4] is the expiry. Returns
+# the members after the change, or false when ARGV[1] does not own the room (or nobody does).
+MEMBERS_SCRIPT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return false end
+if ARGV[3] == 'add' then
+  redis.call('SADD', KEYS[2], ARGV[2])
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+else
+  redis.call('SREM', KEYS[2], ARGV[2])
+end
+return redis.call('SMEMBERS', KEYS[2])
 """
 
 
@@ -104,28 +123,64 @@ class RoomRegistry:
         self._owners: dict[str, str] = {}  # owners never change: cached, bounded
         self._present: set[str] = set()  # rooms whose hosts set holds this replica
         self._join = redis.register_script(JOIN_SCRIPT)
+        self._members = redis.register_script(MEMBERS_SCRIPT)
 
     # ---- ownership and rate limit ---------------------------------------------------------
 
-    async def join(self, room_id: str, user_id: str) -> bool:
-        """Whether ``user_id`` may use the room (the first user to ask becomes its owner); when
-        it may, this replica is recorded as having members of the room (one round trip at most)."""
-        owner = self._owners.get(room_id)
-        if owner is not None and (owner != user_id or room_id in self._present):
-            return owner == user_id
-        keys = [f"{PREFIX}room:{room_id}:owner", f"{PREFIX}room:{room_id}:hosts"]
+    async def join(self, room_id: str, user_id: str, *, granted: bool = False) -> bool:
+        """Whether ``user_id`` may use the room: the first user to ask becomes its owner; others
+        when the owner added them or ``granted`` (their token's ``rooms`` claim admits it).
+        When it may, this replica is recorded as having members of the room. The owner's answer
+        is cached (owners never change); anyone else's is asked every time (one round trip), so
+        a removal holds at once on every replica."""
+        if self._owners.get(room_id) == user_id and room_id in self._present:
+            return True
+        keys = [
+            f"{PREFIX}room:{room_id}:owner",
+            f"{PREFIX}room:{room_id}:hosts",
+            f"{PREFIX}room:{room_id}:members",
+        ]
+        args: list[str | int] = [
+            user_id, self.host_id, self._room_ttl_s, HOSTS_TTL_S, "1" if granted else "0"
+        ]  # fmt: skip
         async with _store("join room"):
-            owner = str(
-                await self._join(
-                    keys=keys, args=[user_id, self.host_id, self._room_ttl_s, HOSTS_TTL_S]
-                )
-            )
+            owner, allowed = await self._join(keys=keys, args=args)
+        owner = str(owner)
         if len(self._owners) >= OWNER_CACHE_MAX:
             self._owners.clear()
         self._owners[room_id] = owner
-        if owner == user_id:
+        if allowed:
             self._present.add(room_id)
-        return owner == user_id
+        return bool(allowed)
+
+    async def may_read(self, room_id: str, user_id: str, *, granted: bool = False) -> bool | None:
+        """Whether ``user_id`` may read the room (owner, added member, or ``granted``), without
+        claiming it; None when nobody owns it."""
+        async with _store("read room"):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.get(f"{PREFIX}room:{room_id}:owner")
+                pipe.sismember(f"{PREFIX}room:{room_id}:members", user_id)
+                owner, member = await pipe.execute()
+        if owner is None:
+            return None
+        return owner == user_id or granted or bool(member)
+
+    async def change_member(
+        self, room_id: str, owner_id: str, member_id: str, *, add: bool
+    ) -> list[str] | None:
+        """Add or remove ``member_id``; the members after it, or None unless ``owner_id`` owns
+        the room."""
+        keys = [f"{PREFIX}room:{room_id}:owner", f"{PREFIX}room:{room_id}:members"]
+        args = [owner_id, member_id, "add" if add else "remove", self._room_ttl_s]
+        async with _store("change member"):
+            members = await self._members(keys=keys, args=args)
+        if members is None:
+            return None
+        return sorted(str(m) for m in members)
+
+    async def member_count(self, room_id: str) -> int:
+        async with _store("count members"):
+            return int(await _aw(self._redis.scard(f"{PREFIX}room:{room_id}:members")))
 
     async def rate_limited(self, user_id: str) -> int | None:
         """Fixed-window rate limit per user, shared by every replica: None when this message

@@ -40,6 +40,7 @@ from contracts.aio import cancel_and_wait
 log = structlog.get_logger("bridge.sio")
 
 NAMESPACE = compat.NAMESPACE
+CONTROL_PREFIX = "bridge:"
 KICK_CLOSE_TIMEOUT_S = 5.0
 HARD_QUEUE_FACTOR = 10
 
@@ -75,7 +76,8 @@ class SocketServer:
         on_resubscribed: Callable[[], None] | None = None,
     ) -> None:
         self._manager = compat.Manager(redis_url, channel=channel)
-        self._manager.on_remote_emit = self.emit_local
+        self._manager.on_remote_emit = self._remote_emit
+        self._controls: dict[str, Callable[[str, Payload], None]] = {}
         self._manager.on_resubscribed = on_resubscribed
         cors: str | list[str] | None = None
         if cors_origins:
@@ -184,6 +186,30 @@ class SocketServer:
                     pkt = encode(event, payload)
                 self.push(eio_sid, pkt)
 
+    # ---- control messages between replicas ------------------------------------------------
+
+    def on_control(self, name: str, handler: Callable[[str, Payload], None]) -> None:
+        """``handler(room, payload)`` runs on every replica for ``control(room, name, ...)``.
+        Control names start with ``bridge:``: never a contract event, never sent to a client."""
+        assert name.startswith(CONTROL_PREFIX)
+        self._controls[name] = handler
+
+    async def control(self, room: str, name: str, payload: Payload) -> None:
+        """Run a control handler here, then on the other replicas (through the Redis queue)."""
+        self._controls[name](room, payload)
+        await self.publish(room, name, payload)
+
+    def _remote_emit(self, room: str, event: str, payload: Payload) -> None:
+        if event.startswith(CONTROL_PREFIX):
+            handler = self._controls.get(event)
+            if handler is not None:
+                try:
+                    handler(room, payload)
+                except Exception:
+                    log.exception("control_failed", control=event)
+            return
+        self.emit_local(room, event, payload)
+
     async def publish(self, room: str, event: str, payload: Payload) -> None:
         """Hand an event to the other replicas (python-socketio's Redis queue format)."""
         await self._manager.publish_emit(room, event, payload)
@@ -199,6 +225,16 @@ class SocketServer:
         if rooms is not None:
             rooms.discard(room)
         await self._sio.leave_room(sid, room)
+
+    def leave_room_now(self, sid: str, room: str) -> None:
+        """Take a local socket out of ``room`` before anything else is emitted to it."""
+        rooms = self._rooms_of.get(sid)
+        if rooms is not None:
+            rooms.discard(room)
+        self._manager.basic_leave_room(sid, NAMESPACE, room)
+
+    def local_sids(self, room: str) -> list[str]:
+        return [sid for sid, _ in self._participants(room)]
 
     def in_room(self, sid: str, room: str) -> bool:
         rooms = self._rooms_of.get(sid)

@@ -41,6 +41,7 @@ from contracts import (
     CompleteResponse,
     ContractError,
     ErrorBody,
+    HistoryResponse,
     StreamEnd,
     StreamError,
     StreamStart,
@@ -246,6 +247,19 @@ class HttpUpstream:
                 if response.status_code != 200:
                     raise _http_error(response, response.content)
                 return CompleteResponse.model_validate_json(response.content)
+
+    async def history(self, room_id: str, limit: int, traceparent: str) -> HistoryResponse:
+        """``GET /chat/rooms/{roomId}/messages`` with the service token (internal to the two)."""
+        with translating("history"):
+            async with asyncio.timeout(self._timeouts.cancel_s):
+                response = await self._client.get(
+                    f"/chat/rooms/{quote(room_id, safe='')}/messages",
+                    params={"limit": limit},
+                    headers=_headers(traceparent, sse=False),
+                )
+                if response.status_code != 200:
+                    raise _http_error(response, response.content)
+                return HistoryResponse.model_validate_json(response.content)
 
     async def cancel(self, request_id: str, user_id: str, traceparent: str) -> None:
         with translating("cancel"):

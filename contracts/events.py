@@ -18,6 +18,8 @@ class ClientEvent(StrEnum):
     SEND_MESSAGE = "send_message"
     CANCEL_MESSAGE = "cancel_message"
     CLIENT_TIMING = "client_timing"
+    ADD_MEMBER = "add_member"
+    REMOVE_MEMBER = "remove_member"
 
 
 class ServerEvent(StrEnum):
@@ -28,6 +30,7 @@ class ServerEvent(StrEnum):
     AI_MESSAGE_ERROR = "ai_message_error"
     MESSAGE_ACK = "message_ack"
     SESSION_EXPIRED = "session_expired"
+    ROOM_EVENT = "room_event"
 
 
 class Path(StrEnum):
@@ -61,6 +64,13 @@ class CancelMessage(WireModel):
     request_id: Id
 
 
+class ChangeMember(WireModel):
+    """``add_member`` / ``remove_member`` (the room's owner only)."""
+
+    room_id: Id
+    user_id: Id
+
+
 # A page's own P0 timings of one of its requests, ms from its send click (never trusted for
 # anything but a metric: bounded so that a client cannot skew a histogram by more than a sample).
 TimingMs = Annotated[float, Field(ge=0, le=600_000, allow_inf_nan=False)]
@@ -91,6 +101,14 @@ class JoinRoomAck(WireModel):
     ok: Literal[True] = True
     room_id: Id
     in_flight: list[Id] = Field(default_factory=list)
+
+
+class MembersAck(WireModel):
+    """The ack of ``add_member`` / ``remove_member``: the members the owner added, after it."""
+
+    ok: Literal[True] = True
+    room_id: Id
+    members: list[Id]
 
 
 class SendAccepted(WireModel):
@@ -174,6 +192,22 @@ class SessionExpired(WireModel):
 
     code: Literal[ErrorCode.UNAUTHORIZED] = ErrorCode.UNAUTHORIZED
     message: str
+
+
+class RoomEventType(StrEnum):
+    JOINED = "joined"
+    LEFT = "left"
+    MEMBER_ADDED = "member_added"
+    MEMBER_REMOVED = "member_removed"
+
+
+class RoomEvent(WireModel):
+    """``room_event``: presence and membership, to the room."""
+
+    room_id: Id
+    type: RoomEventType
+    user_id: Id
+    at: str  # ISO 8601, UTC
 
 
 class MessageAck(WireModel):

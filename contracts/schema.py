@@ -24,6 +24,8 @@ SOCKETIO_MESSAGES: list[tuple[str, str, type[WireModel]]] = [
     ("send_message", "client->bridge", events.SendMessage),
     ("cancel_message", "client->bridge", events.CancelMessage),
     ("client_timing", "client->bridge", events.ClientTiming),
+    ("add_member", "client->bridge", events.ChangeMember),
+    ("remove_member", "client->bridge", events.ChangeMember),
     ("new_message", "bridge->client", events.NewMessage),
     ("ai_message_start", "bridge->client", events.AiMessageStart),
     ("ai_message_chunk", "bridge->client", events.AiMessageChunk),
@@ -31,12 +33,14 @@ SOCKETIO_MESSAGES: list[tuple[str, str, type[WireModel]]] = [
     ("ai_message_error", "bridge->client", events.AiMessageError),
     ("message_ack", "bridge->client", events.MessageAck),
     ("session_expired", "bridge->client", events.SessionExpired),
+    ("room_event", "bridge->client", events.RoomEvent),
 ]
 
 ACK_MODELS: list[type[WireModel]] = [
     events.OkAck,
     events.ErrorAck,
     events.JoinRoomAck,
+    events.MembersAck,
     events.SendAccepted,
     events.SendRejected,
     events.ConnectErrorData,

@@ -14,6 +14,11 @@ steady load, not N requests in the same millisecond). It reports p50/p95 of both
 difference: the bridge's added TTFT. Then it opens ``--idle`` idle sockets (connected, joined)
 and reports the bridge's RSS delta per socket.
 
+``--idle-levels 100,5000`` (issue 8: cost that does not grow with the number of users) instead
+runs one bridged phase of ``--idle-active`` streams beside each number of idle sockets
+(connected, each joined to a room of its own) and prints the bridge's CPU per 1,000 relayed
+chunks at each, its ratio to the first level, and the RSS per idle socket at each level.
+
 The bridged clients are a minimal Engine.IO v4 / Socket.IO v4 websocket client (below), so the
 client side stays cheap next to the 1,000 connections it drives. Figures are only meaningful on
 a quiet machine: the client, the bridge and the backend share its cores.
@@ -230,6 +235,44 @@ async def idle_memory(bridge_url: str, bridge_pid: int, n: int) -> float:
     return (after - before) / n
 
 
+async def _open_idle(bridge_url: str, n: int) -> list[SioSocket]:
+    sockets = await _connect_all(bridge_url, n)
+    for s in sockets:
+        await s.call("join_room", {"roomId": f"idle-{uuid.uuid4().hex[:10]}"})
+    return sockets
+
+
+async def idle_cost(args: argparse.Namespace, bridge_url: str, pid: int) -> None:
+    """CPU per relayed chunk beside each number of idle sockets (``--idle-levels``)."""
+    warm = argparse.Namespace(**{**vars(args), "phase_s": 1.0})
+    await run_bridged(bridge_url, pid, 5, warm)
+    proc = psutil.Process(pid)
+    print(f"{'idle sockets':>12} {'CPU s/1k chunks':>16} {'vs first':>9} {'KiB/idle socket':>16}")
+    rows: list[dict[str, float]] = []
+    for n in args.idle_levels:
+        await asyncio.sleep(1.0)
+        before = proc.memory_info().rss
+        idle = await _open_idle(bridge_url, n)
+        await asyncio.sleep(2.0)
+        per_socket = (proc.memory_info().rss - before) / n
+        phase = await run_bridged(bridge_url, pid, args.idle_active, args)
+        per_k = (phase.cpu_s or 0.0) / max(phase.chunks, 1) * 1000.0
+        first = rows[0]["cpuSecondsPer1kChunks"] if rows else per_k
+        rows.append({
+            "idle": n, "cpuSecondsPer1kChunks": per_k, "ratio": per_k / first,
+            "bytesPerIdleSocket": per_socket, "chunks": phase.chunks,
+            "failures": phase.failures, "streamP95Ms": phase.pct(0.95),
+        })  # fmt: skip
+        print(
+            f"{n:>12} {per_k:>16.3f} {per_k / first:>9.3f} {per_socket / 1024:>16.1f}"
+            f"   ({phase.chunks} chunks, {phase.failures} failed, TTFT p95 "
+            f"{phase.pct(0.95):.0f} ms)",
+            flush=True,
+        )
+        await asyncio.gather(*(s.close() for s in idle), return_exceptions=True)
+    print("RESULT " + json.dumps({"idleLevels": rows}))
+
+
 # ---- main --------------------------------------------------------------------------------
 
 
@@ -273,6 +316,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="loadtest.bench_bridge", description=__doc__)
     parser.add_argument("--levels", default="100,500,1000")
     parser.add_argument("--idle", type=int, default=1000)
+    parser.add_argument(
+        "--idle-levels", default="", help="e.g. 100,5000: CPU per chunk beside N idle sockets"
+    )
+    parser.add_argument("--idle-active", type=int, default=100, help="streams in that phase")
     parser.add_argument("--ttft-ms", default="100")
     parser.add_argument("--tokens", default="20")
     parser.add_argument("--tps", default="50")
@@ -283,6 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--content", default="benchmark")
     args = parser.parse_args(argv)
     args.levels = [int(x) for x in args.levels.split(",") if x]
+    args.idle_levels = [int(x) for x in args.idle_levels.split(",") if x]
     with EmbeddedRedis() as redis:
         backend_port, bridge_port = free_port(), free_port()
         backend = spawn_service(
@@ -309,7 +357,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )  # fmt: skip
             bridge_url = f"http://127.0.0.1:{bridge_port}"
             wait_ready(bridge_url, bridge, START_TIMEOUT_S)
-            asyncio.run(bench(args, backend_url, bridge_url, bridge.pid))
+            if args.idle_levels:
+                asyncio.run(idle_cost(args, bridge_url, bridge.pid))
+            else:
+                asyncio.run(bench(args, backend_url, bridge_url, bridge.pid))
         finally:
             if bridge is not None:
                 stop_process(bridge, STOP_TIMEOUT_S)
