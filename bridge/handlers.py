@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import structlog
 from opentelemetry.util.types import AttributeValue
+from redis.exceptions import RedisError
 
 from bridge import payloads
 from bridge.auth import Authenticator, AuthError, Identity
@@ -98,6 +99,8 @@ class ChatHandlers:
         # sid -> the requestIds it sent whose client_timing is still due (bounded per socket):
         # a page reports one timing per request it sent, and nothing else becomes a sample.
         self._timing_due: dict[str, OrderedDict[str, None]] = {}
+        # (roomId, userId) -> this replica's sockets of the user in the room (presence)
+        self._online: dict[tuple[str, str], int] = {}
 
     @property
     def server(self) -> SocketServer:
@@ -145,7 +148,10 @@ class ChatHandlers:
         self.server.spawn(self.server.disconnect(sid))
 
     async def disconnect(self, sid: str) -> None:
-        self._identities.pop(sid, None)
+        ident = self._identities.pop(sid, None)
+        if ident is not None:
+            for room_id in self.server.rooms_of(sid):
+                self.server.spawn(self._depart(room_id, ident.user_id))
         self._followers.pop(sid, None)
         self._timing_due.pop(sid, None)
         timer = self._expiry.pop(sid, None)
@@ -170,13 +176,15 @@ class ChatHandlers:
         try:
             ident = self._identity(sid)
             msg = self._parse(JoinRoom, data)
-            await self._enter(sid, ident, msg.room_id)
+            online = await self._enter(sid, ident, msg.room_id)
+            if online is None:
+                _, online = await self._rooms.presence(msg.room_id, ident.user_id, "list")
             in_flight = await self._rooms.in_flight(msg.room_id)
         except PayloadError as exc:
             return self._refuse(ack, exc.code, exc.message)
         except StoreError:
             return self._refuse(ack, ErrorCode.BACKEND_UNAVAILABLE, STORE_BUSY)
-        ack(payloads.join_ack(msg.room_id, [item.request_id for item in in_flight]))
+        ack(payloads.join_ack(msg.room_id, [item.request_id for item in in_flight], online))
         for item in in_flight:
             self._replay(sid, msg.room_id, item)
 
@@ -188,11 +196,14 @@ class ChatHandlers:
             return self._refuse(ack, exc.code, exc.message)
         if self.server.in_room(sid, msg.room_id):
             await self.server.leave_room(sid, msg.room_id)
+            self.server.spawn(self._depart(msg.room_id, self._identity(sid).user_id))
             if self.server.local_members(msg.room_id) == 0:
                 self.server.spawn(self._absent([msg.room_id]))
         ack({"ok": True})
 
-    async def _enter(self, sid: str, ident: Identity, room_id: str) -> None:
+    async def _enter(self, sid: str, ident: Identity, room_id: str) -> list[str] | None:
+        """Let the socket into the room (or raise FORBIDDEN); when it was not in the room yet,
+        its presence is recorded and the users online are returned."""
         if not self.server.in_room(sid, room_id):
             if len(self.server.rooms_of(sid)) >= MAX_ROOMS_PER_SOCKET:
                 raise PayloadError(ErrorCode.RATE_LIMITED, "too many rooms on one connection")
@@ -201,8 +212,62 @@ class ChatHandlers:
         granted = ident.rooms.admits(room_id)
         if not await self._rooms.join(room_id, ident.user_id, granted=granted):
             raise PayloadError(ErrorCode.FORBIDDEN, "not a member of this room")
-        if not self.server.in_room(sid, room_id):
-            await self.server.enter_room(sid, room_id)
+        if self.server.in_room(sid, room_id):
+            return None
+        await self.server.enter_room(sid, room_id)
+        return await self._arrive(room_id, ident.user_id, sid)
+
+    # ---- presence --------------------------------------------------------------------------
+
+    async def _arrive(self, room_id: str, user_id: str, sid: str) -> list[str] | None:
+        """Socket ``sid`` of ``user_id`` entered the room here: the rest of the room hears
+        ``joined`` when it is the user's first socket there on any replica (the socket itself is
+        not told; a room of one user so never sees its own presence)."""
+        key = (room_id, user_id)
+        self._online[key] = self._online.get(key, 0) + 1
+        if self._online[key] > 1:
+            return None
+        try:
+            others, online = await self._rooms.presence(room_id, user_id, "join")
+        except StoreError:
+            log.warning("presence_not_recorded", roomId=room_id)
+            return None
+        if not others:
+            self._room_event(room_id, RoomEventType.JOINED, user_id, skip_sid=sid)
+        return online
+
+    async def _depart(self, room_id: str, user_id: str) -> None:
+        """A socket of ``user_id`` left the room here: ``left`` when it was the user's last."""
+        key = (room_id, user_id)
+        count = self._online.get(key, 0) - 1
+        if count > 0:
+            self._online[key] = count
+            return
+        self._online.pop(key, None)
+        try:
+            others, _ = await self._rooms.presence(room_id, user_id, "leave")
+        except StoreError:
+            log.warning("presence_not_cleared", roomId=room_id)
+            return
+        if not others:
+            self._room_event(room_id, RoomEventType.LEFT, user_id)
+
+    def _room_event(
+        self, room_id: str, kind: RoomEventType, user_id: str, skip_sid: str | None = None
+    ) -> None:
+        event = payloads.room_event(room_id, kind, user_id)
+        if skip_sid is None:
+            self.server.emit_local(room_id, ServerEvent.ROOM_EVENT, event)
+        else:
+            self.server.emit_local_except(room_id, ServerEvent.ROOM_EVENT, event, skip_sid)
+        # Not awaited: a slow Redis must not hold up the send or join that caused it.
+        self.server.spawn(self._publish_quietly(room_id, ServerEvent.ROOM_EVENT, event))
+
+    async def _publish_quietly(self, room_id: str, event: str, payload: Payload) -> None:
+        try:
+            await self.server.publish(room_id, event, payload)
+        except (RedisError, OSError) as exc:
+            log.warning("publish_failed", roomId=room_id, error=type(exc).__name__)
 
     def _replay(self, sid: str, room_id: str, item: InFlight) -> None:
         active = self._relays.get((room_id, item.request_id))
@@ -432,7 +497,7 @@ class ChatHandlers:
                 await self.server.control(room_id, MEMBER_REMOVED_CONTROL, {"userId": msg.user_id})
         except PayloadError as exc:
             return self._refuse(ack, exc.code, exc.message)
-        except StoreError:
+        except (StoreError, RedisError, OSError):
             return self._refuse(ack, ErrorCode.BACKEND_UNAVAILABLE, STORE_BUSY)
         ack(payloads.members_ack(room_id, members))
 
@@ -443,6 +508,7 @@ class ChatHandlers:
             ident = self._identities.get(sid)
             if ident is not None and ident.user_id == user_id:
                 self.server.leave_room_now(sid, room_id)
+                self.server.spawn(self._depart(room_id, ident.user_id))
 
     # ---- client timings -------------------------------------------------------------------
 

@@ -183,8 +183,8 @@ def session_expired() -> Payload:
     }
 
 
-def join_ack(room_id: str, in_flight: list[str]) -> Payload:
-    return {"ok": True, "roomId": room_id, "inFlight": in_flight}
+def join_ack(room_id: str, in_flight: list[str], members: list[str]) -> Payload:
+    return {"ok": True, "roomId": room_id, "inFlight": in_flight, "members": members}
 
 
 def members_ack(room_id: str, members: list[str]) -> Payload:

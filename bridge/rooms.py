@@ -3,6 +3,8 @@
 Keys (all under ``bridge:``):
 - ``room:{roomId}:owner``     the user who first joined the room (CONTRACT.md "Rooms").
 - ``room:{roomId}:members``   users the owner added (``add_member``); expires with the owner.
+- ``room:{roomId}:online:{hostId}`` users with a socket in the room on that replica (presence);
+  re-armed by its heartbeat, counted only while that replica's heartbeat lives.
 - ``room:{roomId}:hosts``     set of replica host ids with local members of the room. A relay
   publishes its events through the Redis queue only while another live replica is in this set
   (ARCHITECTURE.md "Scale": local emits skip the queue).
@@ -77,6 +79,33 @@ return redis.call('SMEMBERS', KEYS[2])
 """
 
 
+# Presence of ARGV[1] on host ARGV[2]: 'join' adds it to this host's online set (KEYS[2]),
+# 'leave' removes it, 'list' changes nothing. Then, over this host and every live host of the
+# room (KEYS[1], a host lives while ``host:{id}`` exists; ARGV[5] is that key's prefix and ARGV[4]
+# the online sets' prefix): whether the user is online on another host, and who is online.
+# Atomic, so two replicas joining (or leaving) one user at once announce it once.
+PRESENCE_SCRIPT = """
+if ARGV[3] == 'join' then
+  redis.call('SADD', KEYS[2], ARGV[1])
+  redis.call('EXPIRE', KEYS[2], ARGV[6])
+elseif ARGV[3] == 'leave' then
+  redis.call('SREM', KEYS[2], ARGV[1])
+end
+local online, others = {}, 0
+for _, u in ipairs(redis.call('SMEMBERS', KEYS[2])) do online[u] = true end
+for _, h in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if h ~= ARGV[2] and redis.call('EXISTS', ARGV[5] .. h) == 1 then
+    local set = ARGV[4] .. h
+    for _, u in ipairs(redis.call('SMEMBERS', set)) do online[u] = true end
+    if redis.call('SISMEMBER', set, ARGV[1]) == 1 then others = 1 end
+  end
+end
+local users = {}
+for u, _ in pairs(online) do users[#users + 1] = u end
+return {others, users}
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class InFlight:
     request_id: str
@@ -124,6 +153,7 @@ class RoomRegistry:
         self._present: set[str] = set()  # rooms whose hosts set holds this replica
         self._join = redis.register_script(JOIN_SCRIPT)
         self._members = redis.register_script(MEMBERS_SCRIPT)
+        self._presence = redis.register_script(PRESENCE_SCRIPT)
 
     # ---- ownership and rate limit ---------------------------------------------------------
 
@@ -152,6 +182,18 @@ class RoomRegistry:
         if allowed:
             self._present.add(room_id)
         return bool(allowed)
+
+    async def presence(self, room_id: str, user_id: str, op: str) -> tuple[bool, list[str]]:
+        """``op`` 'join' / 'leave' / 'list' for this replica; (whether the user is online on
+        another replica, every user online in the room)."""
+        room = f"{PREFIX}room:{room_id}"
+        keys = [f"{room}:hosts", f"{room}:online:{self.host_id}"]
+        args: list[str | int] = [
+            user_id, self.host_id, op, f"{room}:online:", f"{PREFIX}host:", HOSTS_TTL_S
+        ]  # fmt: skip
+        async with _store("presence"):
+            others, users = await self._presence(keys=keys, args=args)
+        return bool(others), sorted(str(u) for u in users)
 
     async def may_read(self, room_id: str, user_id: str, *, granted: bool = False) -> bool | None:
         """Whether ``user_id`` may read the room (owner, added member, or ``granted``), without
@@ -215,6 +257,7 @@ class RoomRegistry:
                 hosts = f"{PREFIX}room:{room_id}:hosts"
                 pipe.sadd(hosts, self.host_id)
                 pipe.expire(hosts, HOSTS_TTL_S)
+                pipe.expire(f"{PREFIX}room:{room_id}:online:{self.host_id}", HOSTS_TTL_S)
                 if owners:
                     pipe.expire(f"{PREFIX}room:{room_id}:owner", self._room_ttl_s)
             await pipe.execute()
@@ -227,6 +270,7 @@ class RoomRegistry:
             pipe.delete(f"{PREFIX}host:{self.host_id}")
             for room_id in rooms:
                 pipe.srem(f"{PREFIX}room:{room_id}:hosts", self.host_id)
+                pipe.delete(f"{PREFIX}room:{room_id}:online:{self.host_id}")
             await pipe.execute()
 
     async def absent(self, room_id: str) -> None:

@@ -186,6 +186,13 @@ class SocketServer:
                     pkt = encode(event, payload)
                 self.push(eio_sid, pkt)
 
+    def emit_local_except(self, room: str, event: str, payload: Payload, skip_sid: str) -> None:
+        """``emit_local`` to every socket of ``room`` here but ``skip_sid``."""
+        pkt = encode(event, payload)
+        for sid, eio_sid in self._participants(room):
+            if sid != skip_sid:
+                self.push(eio_sid, pkt)
+
     # ---- control messages between replicas ------------------------------------------------
 
     def on_control(self, name: str, handler: Callable[[str, Payload], None]) -> None:

@@ -101,6 +101,7 @@ class JoinRoomAck(WireModel):
     ok: Literal[True] = True
     room_id: Id
     in_flight: list[Id] = Field(default_factory=list)
+    members: list[Id] = Field(default_factory=list)  # users online in the room, every replica
 
 
 class MembersAck(WireModel):

@@ -66,7 +66,8 @@ async def test_slow_publish_of_the_terminal_does_not_delay_the_senders_message_a
             assert_contract_stream(client, rid, sender=True)
             assert client.named("message_ack")[0]["ok"] is True
             await asyncio.wait_for(terminal_published.wait(), 10)
-    assert published[-1] == "ai_message_end"  # the other replica still gets it, last
+    # the other replica still gets it, the generation's last (presence may follow it)
+    assert [e for e in published if e.startswith("ai_")][-1] == "ai_message_end"
 
 
 async def test_slow_publish_of_chunks_does_not_hold_back_local_sockets(
@@ -104,6 +105,6 @@ async def test_slow_publish_of_chunks_does_not_hold_back_local_sockets(
             assert assert_contract_stream(client, rid, sender=True) == "Hello, world"
             release.set()
             await asyncio.wait_for(all_published.wait(), 10)
-    assert published == [
+    assert [e for e in published if e != "room_event"] == [
         "new_message", "ai_message_start", *["ai_message_chunk"] * 5, "ai_message_end",
     ]  # fmt: skip

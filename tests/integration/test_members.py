@@ -73,7 +73,7 @@ async def test_strangers_are_refused_everywhere_and_members_are_let_in(
 
         added = await alice.call("add_member", {"roomId": room, "userId": bob})
         assert added == {"ok": True, "roomId": room, "members": [bob]}
-        (event,) = await alice.wait_for("room_event")
+        (event,) = await alice.wait_for("room_event")  # (she is not told of her own "joined")
         assert event["type"] == "member_added" and event["userId"] == bob
         assert (await b.call("join_room", {"roomId": room}))["ok"] is True
         assert _history(one, room, token(bob)).status_code == 200
@@ -144,3 +144,41 @@ async def test_a_rooms_claim_with_a_prefix_admits_its_rooms_only(
             claimed = make_token(JWT_SECRET, guest, rooms=[prefix + "*"])
             assert _history(one, lobby, claimed).status_code == 200
             assert _history(one, lookalike, claimed).status_code == 403
+
+
+def _presence(client: Client, user: str) -> list[str]:
+    return [
+        d["type"]
+        for ev, d in client.events
+        if ev == "room_event" and d["userId"] == user and d["type"] in ("joined", "left")
+    ]
+
+
+async def test_presence_once_per_user_across_tabs_and_replicas(
+    replicas: tuple[str, str],
+) -> None:
+    one, two = replicas
+    owner, bob = new_id("owner"), new_id("bob")
+    room = new_id("room")
+    async with connected(one, owner) as alice:
+        first = await alice.call("join_room", {"roomId": room})
+        assert first["members"] == [owner]
+        assert (await alice.call("add_member", {"roomId": room, "userId": bob}))["ok"] is True
+        tabs = [Client(), Client(), Client()]
+        for tab, url in zip(tabs, (two, one, two), strict=True):
+            await tab.connect(url, auth={"token": token(bob)})
+        acks = [await tab.call("join_room", {"roomId": room}) for tab in tabs]
+        assert acks[-1]["members"] == sorted([owner, bob])  # online, on both replicas
+        await asyncio.sleep(0.5)
+        assert _presence(alice, bob) == ["joined"]  # three tabs, one "joined"
+        await tabs[0].close()
+        await tabs[1].call("leave_room", {"roomId": room})
+        await asyncio.sleep(0.5)
+        assert _presence(alice, bob) == ["joined"]  # still online in the third tab
+        await tabs[2].close()
+        await alice.wait_for("room_event", 3)  # member_added, bob joined, bob left
+        await asyncio.sleep(0.3)
+        assert _presence(alice, bob) == ["joined", "left"]
+        again = await alice.call("join_room", {"roomId": room})
+        assert again["members"] == [owner]
+        await tabs[1].close()
