@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import re
 import time
+import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Annotated
@@ -31,14 +32,19 @@ from backend_stream.sse import SseResponse
 from backend_stream.store import GenKey, GenState
 from contracts import (
     CancelResponse,
+    ChatMessage,
     ChatRequest,
     CompleteResponse,
     ErrorCode,
     HistoryResponse,
+    NewMessage,
+    PostRequest,
+    Role,
     SseEvent,
     StreamError,
     check_content,
     parse_json,
+    utc_now_iso,
 )
 from contracts.base import ID_PATTERN, MAX_ID_LENGTH
 
@@ -158,6 +164,24 @@ async def cancel_message(
     reply = CancelResponse(
         ok=True, request_id=request_id, status="done" if status == "done" else "cancelling"
     )
+    return Response(reply.wire_json(), media_type="application/json")
+
+
+@secured.post("/chat/rooms/{room_id}/messages")
+async def post_message(request: Request, room_id: IdPath) -> Response:
+    """A person-to-person message: stored in order with the room's AI exchanges, once per
+    (userId, requestId); answers the stored message (``{roomId, message}``)."""
+    svc = services(request)
+    raw = await _read_body(request, svc.settings.max_body_bytes)
+    post = parse_json(PostRequest, raw)
+    bind_request(path="post", request_id=post.request_id, room_id=room_id, user_id=post.user_id)
+    check_content(post.content, svc.settings.max_content_chars)
+    message = ChatMessage(
+        id=f"p-{uuid.uuid4().hex}", request_id=post.request_id, role=Role.USER,
+        content=post.content, user_id=post.user_id, created_at=utc_now_iso(),
+    )  # fmt: skip
+    _, stored = await svc.store.post(room_id, message)
+    reply = NewMessage(room_id=room_id, message=stored)
     return Response(reply.wire_json(), media_type="application/json")
 
 

@@ -194,6 +194,7 @@ class GenerationRunner:
             user_content=user_content,
             request_id=run.gen.key.request_id,
             max_output_tokens=s.max_output_tokens,
+            user_id=run.gen.key.user_id,
         )
         run.prompt_built = time.monotonic()
         self._metrics.count_model_call(self._provider.name)

@@ -87,3 +87,17 @@ if state == 'running' then
 end
 return 'done'
 """
+
+# A person-to-person message, once per (userId, requestId): the first call stores it (the
+# idempotency key holds its JSON) and appends it to the room's history; a repeat returns what
+# was stored. KEYS: idempotency key, room history. ARGV: message JSON, idempotency ttl, history
+# cap, history ttl. Returns {1 | 0 (repeat), message JSON}.
+POST = """
+local stored = redis.call('GET', KEYS[1])
+if stored then return {0, stored} end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('RPUSH', KEYS[2], ARGV[1])
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1)
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return {1, ARGV[1]}
+"""

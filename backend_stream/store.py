@@ -9,6 +9,7 @@ Keys (ids use a safe alphabet without ``/``, so ``/`` joins them unambiguously):
 - ``bs:req:{requestId}``  set of userIds: resolves resume/cancel calls that carry no userId.
 - ``bs:room:{roomId}:messages``  list of ChatMessage JSON, oldest first, capped (LTRIM); it
   expires ``history_ttl_s`` after the last message stored (an idle room's history goes away).
+- ``bs:post:{userId}/{requestId}``  the stored person-to-person message (idempotency).
 - ``bs:character:{characterId}``  hash, optional ``systemPrompt`` set by operators.
 - ``bs:lease:{userId}/{requestId}``  string with a TTL, refreshed by the replica running the
   generation: a "running" record without it belongs to a replica that died (see scripts.CLAIM).
@@ -96,11 +97,16 @@ class HistoryEntry:
     role: str
     content: str
     request_id: str
+    user_id: str | None = None
 
 
 def _history_entry(raw: str) -> HistoryEntry:
     data = orjson.loads(raw)
-    return HistoryEntry(str(data["role"]), str(data["content"]), str(data["requestId"]))
+    user = data.get("userId")
+    return HistoryEntry(
+        str(data["role"]), str(data["content"]), str(data["requestId"]),
+        str(user) if user else None,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +141,7 @@ class GenerationStore:
         self._claim = redis.register_script(scripts.CLAIM)
         self._finish = redis.register_script(scripts.FINISH)
         self._cancel = redis.register_script(scripts.CANCEL)
+        self._post = redis.register_script(scripts.POST)
 
     async def claim(
         self,
@@ -244,6 +251,16 @@ class GenerationStore:
         """``cancelling`` (signalled to every replica), ``done``, or None when unknown."""
         res = await self._cancel(keys=[key.meta], args=[CANCEL_CHANNEL, key.slug])
         return str(res) if res else None
+
+    async def post(self, room_id: str, message: ChatMessage) -> tuple[bool, ChatMessage]:
+        """Store a person-to-person message once per (userId, requestId); (new, the message
+        as stored: a repeat gets the first call's)."""
+        key = f"bs:post:{message.user_id}/{message.request_id}"
+        new, raw = await self._post(
+            keys=[key, room_key(room_id)],
+            args=[dumps(message.wire()), self._idem_ttl_s, self._history_cap, self._history_ttl_s],
+        )
+        return bool(new), ChatMessage.model_validate_json(raw)
 
     async def history(self, room_id: str, limit: int) -> list[ChatMessage]:
         raw = await self.redis.lrange(room_key(room_id), -limit, -1)

@@ -44,6 +44,8 @@ from contracts import (
     JoinRoom,
     LeaveRoom,
     Path,
+    PostMessage,
+    PostRequest,
     RoomEventType,
     SendMessage,
     ServerEvent,
@@ -114,6 +116,7 @@ class ChatHandlers:
         server.on("send_message", self.send_message)
         server.on("cancel_message", self.cancel_message)
         server.on(ClientEvent.CLIENT_TIMING.value, self.client_timing)
+        server.on(ClientEvent.POST_MESSAGE.value, self.post_message)
         server.on(ClientEvent.ADD_MEMBER.value, self.add_member)
         server.on(ClientEvent.REMOVE_MEMBER.value, self.remove_member)
         server.on_control(MEMBER_REMOVED_CONTROL, self._member_removed)
@@ -468,6 +471,40 @@ class ChatHandlers:
             attributes=attributes,
             events={"accepted": at(outcome.accepted_ms), "first_chunk": at(outcome.first_chunk_ms)},
         )
+
+    # ---- person-to-person messages ---------------------------------------------------------
+
+    async def post_message(self, sid: str, data: object, ack: AckFn) -> None:
+        """A message to the people in the room (no AI): stored by the backend in order with the
+        AI exchanges, then ``new_message`` to the room; rate limited like ``send_message``."""
+        request_id: str | None = None
+        try:
+            ident = self._identity(sid)
+            msg = self._parse(PostMessage, data)
+            request_id = msg.request_id or uuid.uuid4().hex
+            check_content(msg.content, self._settings.max_content_chars)
+            await self._enter(sid, ident, msg.room_id)
+            retry_after_ms = await self._rooms.rate_limited(ident.user_id)
+            if retry_after_ms is not None:
+                return self._reject(
+                    ack, request_id, ErrorCode.RATE_LIMITED, "too many messages, slow down",
+                    retry_after_ms,
+                )  # fmt: skip
+            post = PostRequest(request_id=request_id, user_id=ident.user_id, content=msg.content)
+            stored = await self._upstream.post_message(msg.room_id, post, random_traceparent())
+        except ContractError as exc:
+            return self._reject(ack, request_id, exc.code, exc.message)
+        except PayloadError as exc:
+            return self._reject(ack, request_id, exc.code, exc.message)
+        except StoreError:
+            return self._reject(ack, request_id, ErrorCode.BACKEND_UNAVAILABLE, STORE_BUSY)
+        except UpstreamError as exc:
+            return self._reject(ack, request_id, exc.code, exc.message, exc.retry_after_ms)
+        event = stored.wire()
+        self.server.emit_local(msg.room_id, ServerEvent.NEW_MESSAGE, event)
+        self.server.spawn(self._publish_quietly(msg.room_id, ServerEvent.NEW_MESSAGE, event))
+        ack({"ok": True, "requestId": request_id, "roomId": msg.room_id,
+             "messageId": stored.message.id})  # fmt: skip
 
     # ---- members ---------------------------------------------------------------------------
 

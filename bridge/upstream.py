@@ -42,6 +42,8 @@ from contracts import (
     ContractError,
     ErrorBody,
     HistoryResponse,
+    NewMessage,
+    PostRequest,
     StreamEnd,
     StreamError,
     StreamStart,
@@ -108,6 +110,10 @@ class Upstream(Protocol):
     ) -> CompleteResponse: ...
 
     async def cancel(self, request_id: str, user_id: str, traceparent: str) -> None: ...
+
+    async def post_message(
+        self, room_id: str, request: PostRequest, traceparent: str
+    ) -> NewMessage: ...
 
 
 def decode_event(name: str, data: str) -> UpstreamEvent | None:
@@ -247,6 +253,22 @@ class HttpUpstream:
                 if response.status_code != 200:
                     raise _http_error(response, response.content)
                 return CompleteResponse.model_validate_json(response.content)
+
+    async def post_message(
+        self, room_id: str, request: PostRequest, traceparent: str
+    ) -> NewMessage:
+        """``POST /chat/rooms/{roomId}/messages``: store a person-to-person message (idempotent
+        per user and requestId); the message as stored."""
+        with translating("post message"):
+            async with asyncio.timeout(self._timeouts.cancel_s):
+                response = await self._client.post(
+                    f"/chat/rooms/{quote(room_id, safe='')}/messages",
+                    content=request.wire_json(),
+                    headers=_headers(traceparent, sse=False),
+                )
+                if response.status_code != 200:
+                    raise _http_error(response, response.content)
+                return NewMessage.model_validate_json(response.content)
 
     async def history(self, room_id: str, limit: int, traceparent: str) -> HistoryResponse:
         """``GET /chat/rooms/{roomId}/messages`` with the service token (internal to the two)."""

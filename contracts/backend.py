@@ -62,6 +62,14 @@ class ChatRequest(WireModel):
     character_id: Id | None = None
 
 
+class PostRequest(WireModel):
+    """Body of ``POST /chat/rooms/{roomId}/messages``: a person-to-person message."""
+
+    request_id: Id
+    user_id: Id
+    content: Text
+
+
 class StreamStart(WireModel):
     """``event: start``."""
 

@@ -20,6 +20,7 @@ class ClientEvent(StrEnum):
     CLIENT_TIMING = "client_timing"
     ADD_MEMBER = "add_member"
     REMOVE_MEMBER = "remove_member"
+    POST_MESSAGE = "post_message"
 
 
 class ServerEvent(StrEnum):
@@ -64,6 +65,14 @@ class CancelMessage(WireModel):
     request_id: Id
 
 
+class PostMessage(WireModel):
+    """``post_message``: a message to the people in the room, no AI."""
+
+    room_id: Id
+    content: Text
+    request_id: Id | None = None
+
+
 class ChangeMember(WireModel):
     """``add_member`` / ``remove_member`` (the room's owner only)."""
 
@@ -102,6 +111,13 @@ class JoinRoomAck(WireModel):
     room_id: Id
     in_flight: list[Id] = Field(default_factory=list)
     members: list[Id] = Field(default_factory=list)  # users online in the room, every replica
+
+
+class PostAck(WireModel):
+    ok: Literal[True] = True
+    request_id: Id
+    room_id: Id
+    message_id: Id
 
 
 class MembersAck(WireModel):

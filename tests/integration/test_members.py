@@ -182,3 +182,36 @@ async def test_presence_once_per_user_across_tabs_and_replicas(
         again = await alice.call("join_room", {"roomId": room})
         assert again["members"] == [owner]
         await tabs[1].close()
+
+
+async def test_person_messages_reach_the_room_once_and_are_stored_in_order(
+    replicas: tuple[str, str],
+) -> None:
+    one, two = replicas
+    owner, bob = new_id("owner"), new_id("bob")
+    room = new_id("room")
+    async with connected(one, owner) as alice, connected(two, bob) as b:
+        assert (await alice.call("join_room", {"roomId": room}))["ok"] is True
+        assert (await alice.call("add_member", {"roomId": room, "userId": bob}))["ok"] is True
+        assert (await b.call("join_room", {"roomId": room}))["ok"] is True
+        rid = new_id("post")
+        payload = {"roomId": room, "content": "hi alice, ask it about cats", "requestId": rid}
+        posted = await b.call("post_message", payload)
+        assert posted["ok"] is True and posted["requestId"] == rid
+        again = await b.call("post_message", payload)  # the same requestId: stored once
+        assert again["messageId"] == posted["messageId"]
+        (seen,) = (await alice.wait_for("new_message"))[:1]
+        assert seen["message"]["userId"] == bob and seen["message"]["role"] == "user"
+        assert seen["message"]["id"] == posted["messageId"]
+        ack = await _ask(alice, room, "what did bob say")
+        assert ack["ok"] is True
+        await alice.wait_for("message_ack", wait_s=20)
+        empty = await b.call("post_message", {"roomId": room, "content": "   "})
+        assert empty["ok"] is False and empty["code"] == "EMPTY_MESSAGE"
+        async with connected(two, new_id("eve")) as e:
+            refused = await e.call("post_message", {"roomId": room, "content": "hello?"})
+            assert refused["ok"] is False and refused["code"] == "FORBIDDEN"
+    history = _history(one, room, token(owner)).json()["messages"]
+    assert [(m["role"], m["userId"]) for m in history] == [
+        ("user", bob), ("user", owner), ("assistant", None),
+    ]  # fmt: skip
