@@ -170,6 +170,11 @@ class ChatHandlers:
             if self.server.local_members(room_id) == 0:
                 try:
                     await self._rooms.absent(room_id)
+                    # A socket may have joined while the removal was on its way (its join's
+                    # script ran before our SREM): the replica would then be missing from the
+                    # hosts set, and the other replicas would stop sending it the room's events.
+                    if self.server.local_members(room_id) > 0:
+                        await self._rooms.present(room_id)
                 except StoreError:
                     log.warning("presence_not_cleared", roomId=room_id)
 

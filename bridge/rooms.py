@@ -278,6 +278,16 @@ class RoomRegistry:
         async with _store("presence"):
             await _aw(self._redis.srem(f"{PREFIX}room:{room_id}:hosts", self.host_id))
 
+    async def present(self, room_id: str) -> None:
+        """Record this replica in the room's hosts set again (see ``ChatHandlers._absent``)."""
+        hosts = f"{PREFIX}room:{room_id}:hosts"
+        async with _store("presence"):
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.sadd(hosts, self.host_id)
+            pipe.expire(hosts, HOSTS_TTL_S)
+            await pipe.execute()
+        self._present.add(room_id)
+
     async def has_remote_members(self, room_id: str) -> bool:
         async with _store("presence"):
             hosts = await _aw(self._redis.smembers(f"{PREFIX}room:{room_id}:hosts"))
