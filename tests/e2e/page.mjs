@@ -15,7 +15,7 @@
 // Exit code 0 when every step ran, 3 on a failure (the output says which).
 import { execFileSync } from "node:child_process";
 import { readFileSync } from "node:fs";
-import { chromium } from "playwright-core";
+import { launchChromium } from "./chromium.mjs";
 
 const spec = JSON.parse(readFileSync(process.argv[2], "utf8"));
 const started = Date.now();
@@ -186,14 +186,7 @@ async function run(browser, main, step) {
   }
 }
 
-const browser = await chromium.launch({
-  executablePath: spec.chromium || "/usr/bin/chromium",
-  headless: true,
-  args: [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-  ],
-});
+const browser = await launchChromium(spec.chromium);
 let code = 0;
 try {
   const main = await open(browser, spec.token);

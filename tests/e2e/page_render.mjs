@@ -13,7 +13,7 @@
 // request and every client_timing frame the page sent on its WebSocket.
 // Exit code 0 when everything ran, 3 on a failure (the output says which).
 import { readFileSync } from "node:fs";
-import { chromium } from "playwright-core";
+import { launchChromium } from "./chromium.mjs";
 
 const spec = JSON.parse(readFileSync(process.argv[2], "utf8"));
 const started = Date.now();
@@ -122,14 +122,7 @@ async function settle(tab, requestId) {
   });
 }
 
-const browser = await chromium.launch({
-  executablePath: spec.chromium || "/usr/bin/chromium",
-  headless: true,
-  args: [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-  ],
-});
+const browser = await launchChromium(spec.chromium);
 let code = 0;
 const tabs = [];
 try {
