@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from contracts.redis_server import free_port
+from contracts.redis_server import free_port, stop_process
 
 RULES = Path(__file__).resolve().parents[1] / "helm/chat-bridge/files/prometheus/alerts.yaml"
 START_TIMEOUT_S = 30.0
@@ -113,13 +113,8 @@ class LocalPrometheus:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(STOP_TIMEOUT_S)
+        if proc is not None:
+            stop_process(proc, STOP_TIMEOUT_S)
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> LocalPrometheus:

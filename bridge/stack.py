@@ -36,7 +36,7 @@ from bridge.app import Bridge
 from bridge.auth import make_token
 from bridge.prometheus import LocalPrometheus
 from bridge.settings import DEV_JWT_SECRET, Settings
-from contracts.redis_server import EmbeddedRedis, free_port
+from contracts.redis_server import EmbeddedRedis, free_port, stop_process
 
 BACKEND_START_TIMEOUT_S = 30.0
 BACKEND_STOP_TIMEOUT_S = 10.0
@@ -60,16 +60,6 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> N
             pass
         time.sleep(0.1)
     raise TimeoutError(f"backend not healthy within {timeout_s}s")
-
-
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(BACKEND_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(BACKEND_STOP_TIMEOUT_S)
 
 
 def run_stack(host: str, port: int, environ: Mapping[str, str], *, prometheus: bool = False) -> int:
@@ -113,7 +103,7 @@ def run_stack(host: str, port: int, environ: Mapping[str, str], *, prometheus: b
             if scraper is not None:
                 scraper.stop()
             if backend is not None:
-                stop_process(backend)
+                stop_process(backend, BACKEND_STOP_TIMEOUT_S)
             redis.stop()
 
 

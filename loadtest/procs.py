@@ -10,6 +10,8 @@ from collections.abc import Mapping
 
 import httpx
 
+from contracts.redis_server import stop_process
+
 __all__ = ["spawn_service", "stop_process", "wait_ready"]
 
 POLL_S = 0.1
@@ -38,14 +40,3 @@ def wait_ready(
             pass
         time.sleep(POLL_S)
     raise TimeoutError(f"{url}{path} not ready within {timeout_s:g}s")
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
-    """SIGTERM, then SIGKILL after ``timeout_s``."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout_s)
