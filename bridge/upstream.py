@@ -17,9 +17,9 @@ work-around (32 pools used in turn) only divided.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -49,6 +49,8 @@ from contracts import (
     StreamStart,
     parse_json,
 )
+
+T = TypeVar("T")
 
 MAX_ERROR_BODY_BYTES = 4096
 # After the terminal event the backend ends the body; reading it to EOF hands the connection
@@ -243,56 +245,57 @@ class HttpUpstream:
     async def complete(
         self, request: ChatRequest, traceparent: str, timeout_s: float
     ) -> CompleteResponse:
-        with translating("complete"):
-            async with asyncio.timeout(timeout_s):
-                response = await self._client.post(
-                    "/chat/messages",
-                    content=request.wire_json(),
-                    headers=_headers(traceparent, sse=False),
-                )
-                if response.status_code != 200:
-                    raise _http_error(response, response.content)
-                return CompleteResponse.model_validate_json(response.content)
+        return await self._call(
+            "complete", "POST", "/chat/messages", traceparent, timeout_s,
+            CompleteResponse.model_validate_json, content=request.wire_json(),
+        )  # fmt: skip
 
     async def post_message(
         self, room_id: str, request: PostRequest, traceparent: str
     ) -> NewMessage:
         """``POST /chat/rooms/{roomId}/messages``: store a person-to-person message (idempotent
         per user and requestId); the message as stored."""
-        with translating("post message"):
-            async with asyncio.timeout(self._timeouts.cancel_s):
-                response = await self._client.post(
-                    f"/chat/rooms/{quote(room_id, safe='')}/messages",
-                    content=request.wire_json(),
-                    headers=_headers(traceparent, sse=False),
-                )
-                if response.status_code != 200:
-                    raise _http_error(response, response.content)
-                return NewMessage.model_validate_json(response.content)
+        return await self._call(
+            "post message", "POST", f"/chat/rooms/{quote(room_id, safe='')}/messages",
+            traceparent, self._timeouts.cancel_s, NewMessage.model_validate_json,
+            content=request.wire_json(),
+        )  # fmt: skip
 
     async def history(self, room_id: str, limit: int, traceparent: str) -> HistoryResponse:
         """``GET /chat/rooms/{roomId}/messages`` with the service token (internal to the two)."""
-        with translating("history"):
-            async with asyncio.timeout(self._timeouts.cancel_s):
-                response = await self._client.get(
-                    f"/chat/rooms/{quote(room_id, safe='')}/messages",
-                    params={"limit": limit},
-                    headers=_headers(traceparent, sse=False),
-                )
-                if response.status_code != 200:
-                    raise _http_error(response, response.content)
-                return HistoryResponse.model_validate_json(response.content)
+        return await self._call(
+            "history", "GET", f"/chat/rooms/{quote(room_id, safe='')}/messages", traceparent,
+            self._timeouts.cancel_s, HistoryResponse.model_validate_json, params={"limit": limit},
+        )  # fmt: skip
 
     async def cancel(self, request_id: str, user_id: str, traceparent: str) -> None:
-        with translating("cancel"):
-            async with asyncio.timeout(self._timeouts.cancel_s):
-                response = await self._client.post(
-                    f"/chat/messages/{quote(request_id, safe='')}/cancel",
-                    params={"userId": user_id},
+        await self._call(
+            "cancel", "POST", f"/chat/messages/{quote(request_id, safe='')}/cancel", traceparent,
+            self._timeouts.cancel_s, _ignore, params={"userId": user_id},
+        )  # fmt: skip
+
+    async def _call(
+        self,
+        what: str,
+        method: str,
+        path: str,
+        traceparent: str,
+        timeout_s: float,
+        parse: Callable[[bytes], T],
+        *,
+        params: dict[str, str | int] | None = None,
+        content: str | None = None,
+    ) -> T:
+        """One bounded JSON request: ``parse`` of a 200 body, else the backend's error."""
+        with translating(what):
+            async with asyncio.timeout(timeout_s):
+                response = await self._client.request(
+                    method, path, params=params, content=content,
                     headers=_headers(traceparent, sse=False),
-                )
+                )  # fmt: skip
                 if response.status_code != 200:
                     raise _http_error(response, response.content)
+                return parse(response.content)
 
     async def _send_stream(self, req: httpx.Request, what: str) -> UpstreamStream:
         with translating(what):
@@ -310,6 +313,10 @@ class HttpUpstream:
                 await response.aclose()
                 raise
             return HttpUpstreamStream(response, what)
+
+
+def _ignore(body: bytes) -> None:
+    return None
 
 
 def _headers(traceparent: str, *, sse: bool) -> dict[str, str]:
