@@ -316,21 +316,14 @@ class ChatHandlers:
             ident = self._identity(sid)
             msg = self._parse(SendMessage, data)
             request_id = msg.request_id or uuid.uuid4().hex
-            check_content(msg.content, self._settings.max_content_chars)
-            await self._enter(sid, ident, msg.room_id)
-            retry_after_ms = await self._rooms.rate_limited(ident.user_id)
-        except ContractError as exc:
-            return self._reject(ack, request_id, exc.code, exc.message)
-        except PayloadError as exc:
+            retry_after_ms = await self._admit(sid, ident, msg.room_id, msg.content)
+        except (ContractError, PayloadError) as exc:
             return self._reject(ack, request_id, exc.code, exc.message)
         except StoreError:
             # Redis down or its pool exhausted under load: an expected, retryable condition.
             return self._reject(ack, request_id, ErrorCode.BACKEND_UNAVAILABLE, STORE_BUSY)
         if retry_after_ms is not None:
-            return self._reject(
-                ack, request_id, ErrorCode.RATE_LIMITED, "too many messages, slow down",
-                retry_after_ms,
-            )  # fmt: skip
+            return self._rate_limited(ack, request_id, retry_after_ms)
         request = ChatRequest(
             request_id=request_id, room_id=msg.room_id, user_id=ident.user_id,
             content=msg.content, character_id=msg.character_id,
@@ -355,6 +348,19 @@ class ChatHandlers:
             self.server.spawn(self._stream(sid, job, ack))
         else:
             self.server.spawn(self._complete(sid, job, ack))
+
+    async def _admit(self, sid: str, ident: Identity, room_id: str, content: str) -> int | None:
+        """What every message to a room passes first (``send_message``, ``post_message``): its
+        size, the room's rules (joining it), the user's rate limit. The retry delay in ms when
+        over the limit, else None; raises ``ContractError`` / ``PayloadError`` / ``StoreError``."""
+        check_content(content, self._settings.max_content_chars)
+        await self._enter(sid, ident, room_id)
+        return await self._rooms.rate_limited(ident.user_id)
+
+    def _rate_limited(self, ack: AckFn, request_id: str, retry_after_ms: int) -> None:
+        self._reject(
+            ack, request_id, ErrorCode.RATE_LIMITED, "too many messages, slow down", retry_after_ms
+        )
 
     async def _stream(self, sid: str, job: RelayJob, ack: AckFn) -> None:
         req = job.request
@@ -487,19 +493,12 @@ class ChatHandlers:
             ident = self._identity(sid)
             msg = self._parse(PostMessage, data)
             request_id = msg.request_id or uuid.uuid4().hex
-            check_content(msg.content, self._settings.max_content_chars)
-            await self._enter(sid, ident, msg.room_id)
-            retry_after_ms = await self._rooms.rate_limited(ident.user_id)
+            retry_after_ms = await self._admit(sid, ident, msg.room_id, msg.content)
             if retry_after_ms is not None:
-                return self._reject(
-                    ack, request_id, ErrorCode.RATE_LIMITED, "too many messages, slow down",
-                    retry_after_ms,
-                )  # fmt: skip
+                return self._rate_limited(ack, request_id, retry_after_ms)
             post = PostRequest(request_id=request_id, user_id=ident.user_id, content=msg.content)
             stored = await self._upstream.post_message(msg.room_id, post, random_traceparent())
-        except ContractError as exc:
-            return self._reject(ack, request_id, exc.code, exc.message)
-        except PayloadError as exc:
+        except (ContractError, PayloadError) as exc:
             return self._reject(ack, request_id, exc.code, exc.message)
         except StoreError:
             return self._reject(ack, request_id, ErrorCode.BACKEND_UNAVAILABLE, STORE_BUSY)
