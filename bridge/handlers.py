@@ -186,7 +186,7 @@ class ChatHandlers:
             msg = self._parse(JoinRoom, data)
             online = await self._enter(sid, ident, msg.room_id)
             if online is None:
-                _, online = await self._rooms.presence(msg.room_id, ident.user_id, "list")
+                online = (await self._rooms.presence(msg.room_id, ident.user_id, "list")).online
             in_flight = await self._rooms.in_flight(msg.room_id)
         except PayloadError as exc:
             return self._refuse(ack, exc.code, exc.message)
@@ -236,13 +236,15 @@ class ChatHandlers:
         if self._online[key] > 1:
             return None
         try:
-            others, online = await self._rooms.presence(room_id, user_id, "join")
+            presence = await self._rooms.presence(room_id, user_id, "join")
         except StoreError:
             log.warning("presence_not_recorded", roomId=room_id)
             return None
-        if not others:
-            self._room_event(room_id, RoomEventType.JOINED, user_id, skip_sid=sid)
-        return online
+        if not presence.elsewhere:
+            self._room_event(
+                room_id, RoomEventType.JOINED, user_id, publish=presence.remote, skip_sid=sid
+            )
+        return presence.online
 
     async def _depart(self, room_id: str, user_id: str) -> None:
         """A socket of ``user_id`` left the room here: ``left`` when it was the user's last."""
@@ -253,23 +255,32 @@ class ChatHandlers:
             return
         self._online.pop(key, None)
         try:
-            others, _ = await self._rooms.presence(room_id, user_id, "leave")
+            presence = await self._rooms.presence(room_id, user_id, "leave")
         except StoreError:
             log.warning("presence_not_cleared", roomId=room_id)
             return
-        if not others:
-            self._room_event(room_id, RoomEventType.LEFT, user_id)
+        if not presence.elsewhere:
+            self._room_event(room_id, RoomEventType.LEFT, user_id, publish=presence.remote)
 
     def _room_event(
-        self, room_id: str, kind: RoomEventType, user_id: str, skip_sid: str | None = None
+        self,
+        room_id: str,
+        kind: RoomEventType,
+        user_id: str,
+        *,
+        publish: bool,
+        skip_sid: str | None = None,
     ) -> None:
+        """Presence to the room's local sockets (but ``skip_sid``), and through the queue when
+        another live replica serves the room (``publish``): a room used on one replica only, the
+        common case, costs no publish."""
         event = payloads.room_event(room_id, kind, user_id)
         if skip_sid is None:
             self.server.emit_local(room_id, ServerEvent.ROOM_EVENT, event)
         else:
             self.server.emit_local_except(room_id, ServerEvent.ROOM_EVENT, event, skip_sid)
-        # Not awaited: a slow Redis must not hold up the send or join that caused it.
-        self.server.spawn(self._publish_quietly(room_id, ServerEvent.ROOM_EVENT, event))
+        if publish:  # not awaited: a slow Redis must not hold up the send or join
+            self.server.spawn(self._publish_quietly(room_id, ServerEvent.ROOM_EVENT, event))
 
     async def _publish_quietly(self, room_id: str, event: str, payload: Payload) -> None:
         try:

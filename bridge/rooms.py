@@ -82,7 +82,8 @@ return redis.call('SMEMBERS', KEYS[2])
 # Presence of ARGV[1] on host ARGV[2]: 'join' adds it to this host's online set (KEYS[2]),
 # 'leave' removes it, 'list' changes nothing. Then, over this host and every live host of the
 # room (KEYS[1], a host lives while ``host:{id}`` exists; ARGV[5] is that key's prefix and ARGV[4]
-# the online sets' prefix): whether the user is online on another host, and who is online.
+# the online sets' prefix): whether the user is online on another host, who is online, and
+# whether another live host serves the room (only then does a presence event need the queue).
 # Atomic, so two replicas joining (or leaving) one user at once announce it once.
 PRESENCE_SCRIPT = """
 if ARGV[3] == 'join' then
@@ -91,10 +92,11 @@ if ARGV[3] == 'join' then
 elseif ARGV[3] == 'leave' then
   redis.call('SREM', KEYS[2], ARGV[1])
 end
-local online, others = {}, 0
+local online, others, remote = {}, 0, 0
 for _, u in ipairs(redis.call('SMEMBERS', KEYS[2])) do online[u] = true end
 for _, h in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   if h ~= ARGV[2] and redis.call('EXISTS', ARGV[5] .. h) == 1 then
+    remote = 1
     local set = ARGV[4] .. h
     for _, u in ipairs(redis.call('SMEMBERS', set)) do online[u] = true end
     if redis.call('SISMEMBER', set, ARGV[1]) == 1 then others = 1 end
@@ -102,8 +104,15 @@ for _, h in ipairs(redis.call('SMEMBERS', KEYS[1])) do
 end
 local users = {}
 for u, _ in pairs(online) do users[#users + 1] = u end
-return {others, users}
+return {others, users, remote}
 """
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    elsewhere: bool  # the user is online in the room on another replica
+    online: list[str]  # every user online in the room, on every live replica
+    remote: bool  # another live replica serves the room (a presence event must be published)
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,17 +192,16 @@ class RoomRegistry:
             self._present.add(room_id)
         return bool(allowed)
 
-    async def presence(self, room_id: str, user_id: str, op: str) -> tuple[bool, list[str]]:
-        """``op`` 'join' / 'leave' / 'list' for this replica; (whether the user is online on
-        another replica, every user online in the room)."""
+    async def presence(self, room_id: str, user_id: str, op: str) -> Presence:
+        """``op`` 'join' / 'leave' / 'list' for this replica, then the room's presence."""
         room = f"{PREFIX}room:{room_id}"
         keys = [f"{room}:hosts", f"{room}:online:{self.host_id}"]
         args: list[str | int] = [
             user_id, self.host_id, op, f"{room}:online:", f"{PREFIX}host:", HOSTS_TTL_S
         ]  # fmt: skip
         async with _store("presence"):
-            others, users = await self._presence(keys=keys, args=args)
-        return bool(others), sorted(str(u) for u in users)
+            others, users, remote = await self._presence(keys=keys, args=args)
+        return Presence(bool(others), sorted(str(u) for u in users), bool(remote))
 
     async def may_read(self, room_id: str, user_id: str, *, granted: bool = False) -> bool | None:
         """Whether ``user_id`` may read the room (owner, added member, or ``granted``), without
