@@ -31,6 +31,7 @@ from backend_stream.runner import GenerationRunner
 from backend_stream.settings import Settings
 from backend_stream.store import GenerationStore
 from backend_stream.tracing import TraceMiddleware, Tracing
+from backend_stream.turns import RoomTurns
 from contracts import HTTP_STATUS, RETRYABLE, ContractError, ErrorBody, ErrorCode
 
 log = structlog.get_logger("backend_stream.app")
@@ -99,16 +100,20 @@ def build_services(settings: Settings, metrics: Metrics, tracing: Tracing) -> Se
         history_cap=settings.history_cap,
         history_ttl_s=settings.history_ttl_s,
         lease_ms=int(settings.lease_s * 1000),
+        room_queue_max=settings.room_queue_max,
+        room_lock_ms=int(settings.room_lock_ttl_s * 1000),
     )
     provider = make_provider(settings)
     writer = ChunkWriter(redis, on_batch=metrics.chunk_batches.inc)
+    turns = RoomTurns()
     runner = GenerationRunner(
         store=store, writer=writer, provider=provider, settings=settings, metrics=metrics,
-        tracing=tracing,
+        tracing=tracing, turns=turns,
     )  # fmt: skip
     registry = GenerationRegistry(
-        store=store, runner=runner, metrics=metrics, history_messages=settings.history_messages
-    )
+        store=store, runner=runner, metrics=metrics, history_messages=settings.history_messages,
+        turns=turns, room_busy_retry_s=settings.room_busy_retry_s,
+    )  # fmt: skip
     feed = EventFeed(store, settings)
     return Services(
         settings, redis, store, registry, feed, metrics, provider, writer, runner, tracing

@@ -7,6 +7,7 @@ BackendStreamError
 │   ├── ModelRateLimited       # carries retry_after_s
 │   └── ModelFailed            # 5xx, malformed stream, refused request
 ├── GenerationTimeout (+TimeoutError)  # idle between tokens / total budget exceeded
+├── RoomWaitTimeout            # waited ROOM_QUEUE_WAIT_S for the room's lock (ROOM_BUSY)
 └── Superseded                 # our lease lapsed and another replica runs the request now
 ```
 Request errors (bad input, auth, not found) are ``contracts.ContractError``: they carry their code.
@@ -49,6 +50,14 @@ class ModelFailed(ProviderError):
 
 class GenerationTimeout(BackendStreamError, TimeoutError):
     code = ErrorCode.STREAM_TIMEOUT
+
+
+class RoomWaitTimeout(BackendStreamError):
+    code = ErrorCode.ROOM_BUSY
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class Superseded(BackendStreamError):

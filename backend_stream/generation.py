@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from backend_stream.errors import BackendStreamError, RequestRejected
-from backend_stream.store import GenKey
+from backend_stream.store import GenKey, RoomPlace
 from contracts import ErrorCode, SseEvent, StreamStart
 
 PING_FRAME = b": ping\n\n"
@@ -66,7 +66,10 @@ def payload_event(
 
 
 def start_event(start: StreamStart) -> Event:
-    return payload_event(SseEvent.START, start.wire())
+    payload = start.wire()
+    if not start.queue_position:
+        del payload["queuePosition"]  # optional on the wire: only a waiting generation has it
+    return payload_event(SseEvent.START, payload)
 
 
 @dataclass(eq=False)
@@ -87,11 +90,16 @@ class Generation:
     finishing: bool = False  # past the point where a stop request can change the outcome
     task: asyncio.Task[None] | None = None
     notified_at: float = 0.0  # time.monotonic() of the last publish or poke
+    token: str | None = None  # the room's lock while this attempt holds it (fencing token)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def content(self) -> str:
         return "".join(self.chunks)
+
+    def place(self) -> RoomPlace:
+        """Where this attempt stands in its room (holding the lock, or queued)."""
+        return RoomPlace(self.start.room_id, self.key.ticket(self.attempt), self.token)
 
     def changed(self) -> asyncio.Event:
         """The event set at the next publish; take it before reading the state."""

@@ -34,6 +34,22 @@ class Metrics:
         self.active_streams = Gauge(
             "backend_active_streams", "SSE responses open on this process", registry=r
         )
+        self.room_busy = Counter(
+            "backend_room_busy",
+            "Requests refused with ROOM_BUSY (the room's queue full)",
+            registry=r,
+        )
+        self.room_wait = Histogram(
+            "backend_room_wait_seconds",
+            "Time a generation waited for its room's lock (only generations that waited)",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.room_lock_lost = Counter(
+            "backend_room_lock_lost",
+            "Generations whose room lock lapsed and was taken over before they ended (fenced)",
+            registry=r,
+        )
         self.first_token = Histogram(
             "backend_model_first_token_seconds",
             "Request receipt to the model's first token",

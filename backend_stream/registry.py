@@ -15,18 +15,21 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from backend_stream.errors import RequestRejected
 from backend_stream.generation import Generation
 from backend_stream.metrics import Metrics
 from backend_stream.runner import GenerationRunner
 from backend_stream.store import (
     CANCEL_CHANNEL,
+    TURN_CHANNEL,
     Claim,
     ClaimOutcome,
     GenerationStore,
     GenKey,
     GenState,
 )
-from contracts import ChatMessage, ChatRequest, Role, StreamStart, utc_now_iso
+from backend_stream.turns import RoomTurns
+from contracts import ChatMessage, ChatRequest, ErrorCode, Role, StreamStart, utc_now_iso
 from contracts.aio import cancel_and_wait
 
 log = structlog.get_logger("backend_stream.registry")
@@ -57,12 +60,13 @@ class Attachment:
         return GenState(self.meta.get("state", GenState.RUNNING))
 
 
-def start_from_meta(meta: dict[str, str]) -> StreamStart:
+def start_from_meta(meta: dict[str, str], queue_position: int = 0) -> StreamStart:
     return StreamStart(
         request_id=meta["requestId"],
         room_id=meta["roomId"],
         message_id=meta["messageId"],
         user_message_id=meta["userMessageId"],
+        queue_position=queue_position or None,
     )
 
 
@@ -76,8 +80,12 @@ class GenerationRegistry:
         runner: GenerationRunner,
         metrics: Metrics,
         history_messages: int,
+        turns: RoomTurns | None = None,
+        room_busy_retry_s: float = 2.0,
     ) -> None:
         self._store = store
+        self._turns = turns or RoomTurns()
+        self._room_busy_retry_s = room_busy_retry_s
         self._history_messages = history_messages
         # Cancels that arrived before their generation was registered here (the claim's reply
         # and the cancel message travel on different connections); bounded, short-lived.
@@ -116,6 +124,13 @@ class GenerationRegistry:
             character_id=req.character_id,
         )
         claimed_at = time.monotonic()
+        if claim.outcome is ClaimOutcome.BUSY:
+            self._metrics.room_busy.inc()
+            raise RequestRejected(
+                ErrorCode.ROOM_BUSY,
+                f"the room already has {claim.position} generations waiting; try again later",
+                retry_after_s=self._room_busy_retry_s,
+            )
         meta = claim.meta
         local = self._local.get(key)
         if claim.outcome is ClaimOutcome.EXISTING or local is not None:
@@ -125,12 +140,14 @@ class GenerationRegistry:
         gen = Generation(
             key=key,
             attempt=int(meta["attempt"]),
-            start=start_from_meta(meta),
+            start=start_from_meta(meta, claim.position),
             received_at=received_at,
             character_id=meta.get("characterId") or None,
+            token=claim.token,
         )
         self._local[key] = gen
-        task = asyncio.create_task(self._run(gen, req.content, claim, claimed_at))
+        user_message = _user_message_from_meta(req, meta)
+        task = asyncio.create_task(self._run(gen, user_message, claim, claimed_at))
         gen.task = task
         if self._early_cancels.pop(key, None) is not None:
             gen.request_cancel()
@@ -156,22 +173,28 @@ class GenerationRegistry:
             local.request_cancel()
         return status
 
-    async def _run(self, gen: Generation, content: str, claim: Claim, claimed_at: float) -> None:
+    async def _run(
+        self, gen: Generation, user_message: ChatMessage, claim: Claim, claimed_at: float
+    ) -> None:
         self._metrics.active_generations.inc()
         try:
-            await self._runner.run(gen, content, claim, claimed_at)
+            await self._runner.run(gen, user_message, claim, claimed_at)
         finally:
             if self._local.get(gen.key) is gen:
                 del self._local[gen.key]
             self._metrics.active_generations.dec()
 
     async def _refresh_leases(self) -> None:
-        """Every third of the lease: one pipeline of PEXPIREs for this replica's generations."""
-        interval_s = self._store.lease_ms / 1000 / 3
+        """Every third of the lease (or of the room lock's TTL, the shorter): one pipeline for
+        this replica's generations, their leases and their places in their rooms."""
+        interval_s = min(self._store.lease_ms, self._store.room_lock_ms) / 1000 / 3
         while True:
             await asyncio.sleep(interval_s)
             try:
-                await self._store.refresh_leases(list(self._local))
+                gens = list(self._local.values())
+                await self._store.refresh_leases(
+                    [g.key for g in gens], [g.place() for g in gens if not g.finishing]
+                )
             except Exception as exc:  # loop edge: log and try again next beat
                 log.warning("lease_refresh_failed", error=type(exc).__name__)
 
@@ -180,14 +203,20 @@ class GenerationRegistry:
         while True:
             try:
                 async with self._store.redis.pubsub() as pubsub:
-                    await pubsub.subscribe(CANCEL_CHANNEL)
+                    await pubsub.subscribe(CANCEL_CHANNEL, TURN_CHANNEL)
                     backoff_s = BACKOFF_MIN_S
                     while True:
                         msg = await pubsub.get_message(
                             ignore_subscribe_messages=True, timeout=PUBSUB_POLL_S
                         )
-                        if msg is not None:
-                            self._on_cancel_message(msg.get("data"))
+                        if msg is None:
+                            continue
+                        data = msg.get("data")
+                        if msg.get("channel") == TURN_CHANNEL:
+                            if isinstance(data, str):
+                                self._turns.wake(data)
+                        else:
+                            self._on_cancel_message(data)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # loop edge: log, back off with a cap, reconnect
@@ -222,6 +251,12 @@ def _user_message(req: ChatRequest, record: dict[str, str]) -> ChatMessage:
         character_id=req.character_id,
         created_at=record["createdAt"],
     )
+
+
+def _user_message_from_meta(req: ChatRequest, meta: dict[str, str]) -> ChatMessage:
+    """The user message as the record names it (a retried record keeps its first ids)."""
+    ids = {"userMessageId": meta["userMessageId"], "createdAt": meta["createdAt"]}
+    return _user_message(req, ids)
 
 
 def _new_record(req: ChatRequest) -> dict[str, str]:

@@ -277,6 +277,8 @@ async def _raise_if_failed(att: Attachment, svc: Services) -> None:
     """Failures before the stream starts are plain HTTP errors (CONTRACT.md section 2)."""
     gen = att.local
     if gen is not None and not att.attached:
+        if gen.start.queue_position:  # waits for its room: `start` now, the chunks later
+            return
         try:
             await gen.wait_opened(svc.settings.first_token_timeout_s + OPEN_WAIT_MARGIN_S)
         except TimeoutError:

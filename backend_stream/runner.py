@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from backend_stream.errors import (
     ModelRateLimited,
     ModelTimeout,
     ProviderError,
+    RoomWaitTimeout,
     Superseded,
 )
 from backend_stream.generation import Generation, payload_event
@@ -37,8 +39,9 @@ from backend_stream.metrics import Metrics
 from backend_stream.prompt import build_prompt
 from backend_stream.providers import Delta, ModelRequest, Provider
 from backend_stream.settings import Settings
-from backend_stream.store import Claim, GenerationStore, dumps
+from backend_stream.store import Claim, ClaimOutcome, GenerationStore, dumps
 from backend_stream.tracing import Tracing
+from backend_stream.turns import RoomTurns
 from contracts import (
     RETRYABLE,
     BackendLatency,
@@ -80,6 +83,8 @@ class _Run:
     flush_timer: asyncio.TimerHandle | None = None
     written: asyncio.Future[None] | None = None  # the batch holding the last chunk
     trace_parent: Context | None = None  # the request span that started it (when tracing)
+    waiting: bool = False  # queued for the room's lock (its deadlines start when it runs)
+    wait_deadline: float = math.inf
 
     def latency(self, now: float) -> BackendLatency:
         received_at = self.gen.received_at
@@ -109,8 +114,10 @@ class GenerationRunner:
         settings: Settings,
         metrics: Metrics,
         tracing: Tracing | None = None,
+        turns: RoomTurns | None = None,
     ) -> None:
         self._tracing = tracing or Tracing(None)
+        self._turns = turns or RoomTurns()
         self._store = store
         self._writer = writer
         self._provider = provider
@@ -128,12 +135,13 @@ class GenerationRunner:
             await cancel_and_wait([self._sweeper], SHUTDOWN_WRITE_TIMEOUT_S)
 
     async def run(
-        self, gen: Generation, user_content: str, claim: Claim, claimed_at: float
+        self, gen: Generation, user_message: ChatMessage, claim: Claim, claimed_at: float
     ) -> None:
         """Run to the end; always leaves ``gen.terminal`` set, never raises but CancelledError.
 
-        Must run in ``gen.task``. ``claim`` carries what the claim loaded (history, character
-        prompt): the user message is already stored, atomically with the claim.
+        Must run in ``gen.task``. When the claim took the room's lock (``gen.token``) it
+        carries what it loaded (history, character prompt) and the user message is already
+        stored, atomically with the claim; else the generation first waits for its turn.
         """
         s = self._settings
         run = _Run(
@@ -143,9 +151,13 @@ class GenerationRunner:
             total_deadline=gen.received_at + s.total_timeout_s,
             trace_parent=self._tracing.current(),
         )
+        if gen.token is None:
+            run.waiting = True
+            run.first_token_deadline = run.total_deadline = math.inf
+            run.wait_deadline = gen.received_at + s.room_queue_wait_s
         self._runs[gen] = run
         try:
-            await self._run(run, user_content, claim)
+            await self._run(run, user_message, claim)
         finally:
             self._runs.pop(gen, None)
             if run.flush_timer is not None:
@@ -154,12 +166,14 @@ class GenerationRunner:
                 err = StreamError(code=ErrorCode.INTERNAL, message="internal error", retryable=True)
                 gen.publish_terminal(payload_event(SseEvent.ERROR, err.wire()))
 
-    async def _run(self, run: _Run, user_content: str, claim: Claim) -> None:
+    async def _run(self, run: _Run, user_message: ChatMessage, claim: Claim) -> None:
         gen = run.gen
         try:
             if gen.cancel_requested:  # before this task could be cancelled
                 raise asyncio.CancelledError
-            await self._stream(run, user_content, claim)
+            if run.waiting:
+                claim = await self._wait_turn(run, user_message)
+            await self._stream(run, user_message.content, claim)
             gen.finishing = True
             await self._finish(run)
         except asyncio.CancelledError:
@@ -185,6 +199,36 @@ class GenerationRunner:
         except Exception:
             log.exception("generation_crashed")
             await self._fail(run, ErrorCode.INTERNAL, "internal error")
+
+    async def _wait_turn(self, run: _Run, user_message: ChatMessage) -> Claim:
+        """Wait in the room's queue until this attempt holds the room's lock; the history is
+        read then, so the prompt sees every earlier exchange complete."""
+        gen, s = run.gen, self._settings
+        room_id = gen.start.room_id
+        with self._turns.waiting(room_id):
+            while True:
+                woken = self._turns.armed(room_id)
+                turn = await self._store.turn(
+                    gen.key,
+                    gen.attempt,
+                    room_id=room_id,
+                    user_message=user_message,
+                    history_messages=s.history_messages,
+                    character_id=gen.character_id,
+                )
+                if turn.position == 0:
+                    break
+                if turn.position < 0:
+                    raise Superseded("lost its place in the room's queue")
+                await self._turns.wait(woken, turn.lock_ttl_ms)
+        gen.token = turn.token
+        now = time.monotonic()
+        self._metrics.room_wait.observe(now - gen.received_at)
+        run.waiting = False
+        run.settings_loaded = now
+        run.first_token_deadline = now + s.first_token_timeout_s
+        run.total_deadline = now + s.total_timeout_s
+        return Claim(ClaimOutcome.NEW, {}, turn.history, turn.system_prompt)
 
     async def _stream(self, run: _Run, user_content: str, claim: Claim) -> None:
         s = self._settings
@@ -280,7 +324,15 @@ class GenerationRunner:
         s = self._settings
         poke_after_s = s.ping_interval_s / 2
         for gen, run in list(self._runs.items()):
-            if now >= run.total_deadline:
+            if run.waiting:
+                if now >= run.wait_deadline:
+                    gen.request_stop(
+                        RoomWaitTimeout(
+                            f"waited {s.room_queue_wait_s:g}s for the room",
+                            retry_after_s=s.room_busy_retry_s,
+                        )
+                    )
+            elif now >= run.total_deadline:
                 gen.request_stop(GenerationTimeout(f"generation exceeded {s.total_timeout_s:g}s"))
             elif run.first_token is None and now >= run.first_token_deadline:
                 gen.request_stop(
@@ -320,11 +372,13 @@ class GenerationRunner:
             gen.attempt,
             chunks=len(gen.chunks),
             end_json=dumps(payload),
-            room_id=gen.start.room_id,
-            assistant=assistant,
+            place=gen.place(),
+            assistant=assistant if gen.token is not None else None,  # never ran: no exchange
         )
         if not stored:
-            raise Superseded("another replica took this generation over")
+            if gen.token is not None:
+                self._metrics.room_lock_lost.inc()
+            raise Superseded("another replica took this generation or its room over")
         gen.publish_terminal(payload_event(SseEvent.END, payload))
         # Post-processing: after `end` is out, never on the path to the first chunk.
         self._metrics.count_generation(run.finish.value)
@@ -376,7 +430,9 @@ class GenerationRunner:
             await self._fail(run, ErrorCode.BACKEND_UNAVAILABLE, "storage unavailable")
 
     async def _fail_with(self, run: _Run, exc: BackendStreamError) -> None:
-        retry_after = exc.retry_after_s if isinstance(exc, ModelRateLimited) else None
+        retry_after = (
+            exc.retry_after_s if isinstance(exc, ModelRateLimited | RoomWaitTimeout) else None
+        )
         await self._fail(run, exc.code, exc.message, retry_after)
 
     async def _shutdown(self, run: _Run) -> None:
@@ -404,6 +460,7 @@ class GenerationRunner:
                 error_json=dumps(payload),
                 retryable=err.retryable,
                 retry_after_s=retry_after_s,
+                place=gen.place(),
             )
             if not stored:
                 log.warning("generation_superseded", code=code.value)

@@ -34,6 +34,10 @@ DEFAULT_BUFFER_TTL_S = 900
 DEFAULT_IDEMPOTENCY_TTL_S = 86_400
 DEFAULT_PING_INTERVAL_S = 15.0
 DEFAULT_LEASE_S = 10.0
+DEFAULT_ROOM_QUEUE_MAX = 5
+DEFAULT_ROOM_LOCK_TTL_S = 10.0
+DEFAULT_ROOM_QUEUE_WAIT_S = 120.0
+DEFAULT_ROOM_BUSY_RETRY_S = 2.0
 DEFAULT_REDIS_MAX_CONNECTIONS = 2000
 DEFAULT_REDIS_TIMEOUT_S = 5.0
 DEFAULT_SYSTEM_PROMPT = "You are a friendly chat character. Answer briefly."
@@ -95,6 +99,11 @@ class Settings:
     idempotency_ttl_s: int = DEFAULT_IDEMPOTENCY_TTL_S
     ping_interval_s: float = DEFAULT_PING_INTERVAL_S
     lease_s: float = DEFAULT_LEASE_S
+    # The per-room lock: one generation at a time per room, in acceptance order (issue 11)
+    room_queue_max: int = DEFAULT_ROOM_QUEUE_MAX
+    room_lock_ttl_s: float = DEFAULT_ROOM_LOCK_TTL_S
+    room_queue_wait_s: float = DEFAULT_ROOM_QUEUE_WAIT_S
+    room_busy_retry_s: float = DEFAULT_ROOM_BUSY_RETRY_S
     redis_max_connections: int = DEFAULT_REDIS_MAX_CONNECTIONS
     redis_timeout_s: float = DEFAULT_REDIS_TIMEOUT_S
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
@@ -151,6 +160,10 @@ class Settings:
             idempotency_ttl_s=env.integer("IDEMPOTENCY_TTL_S", DEFAULT_IDEMPOTENCY_TTL_S, low=1),
             ping_interval_s=env.number("SSE_PING_INTERVAL_S", DEFAULT_PING_INTERVAL_S, low=0.01),
             lease_s=env.number("GENERATION_LEASE_S", DEFAULT_LEASE_S, low=0.3),
+            room_queue_max=env.integer("ROOM_QUEUE_MAX", DEFAULT_ROOM_QUEUE_MAX),
+            room_lock_ttl_s=env.number("ROOM_LOCK_TTL_S", DEFAULT_ROOM_LOCK_TTL_S, low=0.3),
+            room_queue_wait_s=env.number("ROOM_QUEUE_WAIT_S", DEFAULT_ROOM_QUEUE_WAIT_S, low=0.01),
+            room_busy_retry_s=env.number("ROOM_BUSY_RETRY_S", DEFAULT_ROOM_BUSY_RETRY_S, low=0.001),
             redis_max_connections=env.integer(
                 "REDIS_MAX_CONNECTIONS", DEFAULT_REDIS_MAX_CONNECTIONS, low=2
             ),

@@ -13,13 +13,17 @@ Keys (ids use a safe alphabet without ``/``, so ``/`` joins them unambiguously):
 - ``bs:character:{characterId}``  hash, optional ``systemPrompt`` set by operators.
 - ``bs:lease:{userId}/{requestId}``  string with a TTL, refreshed by the replica running the
   generation: a "running" record without it belongs to a replica that died (see scripts.CLAIM).
+- ``bs:room:{roomId}:lock`` / ``:queue`` / ``:waiting`` / ``:fence``  the room's lock (one
+  generation at a time, in acceptance order; scripts.ROOM_LIB): the holder's "<token> <ticket>"
+  with a TTL, the waiting tickets in order, their deadlines, the fencing-token counter.
 - channel ``bs:cancel``: ``{userId}/{requestId}`` to stop a generation on whichever replica runs it.
+- channel ``bs:turn``: ``{roomId}`` when a room's lock is released with generations waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, cast
 
@@ -31,7 +35,10 @@ from backend_stream.chunk_writer import ChunkWriter
 from contracts import ChatMessage
 
 CANCEL_CHANNEL = "bs:cancel"
+TURN_CHANNEL = "bs:turn"
 DEFAULT_LEASE_MS = 10_000
+DEFAULT_ROOM_QUEUE_MAX = 5
+DEFAULT_ROOM_LOCK_MS = 10_000
 DEFAULT_HISTORY_TTL_S = 30 * 86_400
 
 
@@ -45,6 +52,7 @@ class ClaimOutcome(StrEnum):
     NEW = "new"  # this request starts the generation
     RETRY = "retry"  # a retryable failure before: run again, same ids, user message kept
     EXISTING = "existing"  # attach to it (running) or answer from its record (done / failed)
+    BUSY = "busy"  # the room's queue is full: nothing was written (ROOM_BUSY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +75,10 @@ class GenKey:
     def buffer(self, attempt: int) -> str:
         return f"bs:buf:{self.slug}/{attempt}"
 
+    def ticket(self, attempt: int) -> str:
+        """This attempt's place in its room's queue (scripts.ROOM_LIB)."""
+        return f"{self.slug}/{attempt}"
+
     @classmethod
     def from_slug(cls, slug: str) -> GenKey | None:
         user_id, sep, request_id = slug.partition("/")
@@ -75,6 +87,21 @@ class GenKey:
 
 def room_key(room_id: str) -> str:
     return f"bs:room:{room_id}:messages"
+
+
+@dataclass(frozen=True, slots=True)
+class RoomKeys:
+    """The keys of one room's lock (scripts.ROOM_LIB)."""
+
+    lock: str
+    queue: str
+    waiting: str
+    fence: str
+
+    @classmethod
+    def of(cls, room_id: str) -> RoomKeys:
+        base = f"bs:room:{room_id}"
+        return cls(f"{base}:lock", f"{base}:queue", f"{base}:waiting", f"{base}:fence")
 
 
 def index_key(request_id: str) -> str:
@@ -111,12 +138,37 @@ def _history_entry(raw: str) -> HistoryEntry:
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """What the claim found or made; history and prompt are loaded unless ``EXISTING``."""
+    """What the claim found or made. A request that runs the generation either holds its
+    room's lock (``token``; history and prompt loaded) or waits in the room's queue
+    (``position`` > 0: ``GenerationStore.turn`` takes the lock later). ``BUSY``: the queue was
+    full (``position`` = its length) and nothing was written."""
 
     outcome: ClaimOutcome
     meta: dict[str, str]
     history: list[HistoryEntry]
     system_prompt: str | None
+    position: int = 0
+    token: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RoomPlace:
+    """Where one attempt stands in its room: holding the lock (``token``) or queued."""
+
+    room_id: str
+    ticket: str
+    token: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """A waiter's ask for the room: the lock (``token``, history, prompt) or its place."""
+
+    position: int  # 0: the lock is ours; -1: no longer queued (its deadline lapsed)
+    token: str | None = None
+    history: list[HistoryEntry] = field(default_factory=list)
+    system_prompt: str | None = None
+    lock_ttl_ms: int = -2  # the holder's remaining lock (PTTL) while waiting
 
 
 class GenerationStore:
@@ -131,6 +183,8 @@ class GenerationStore:
         history_cap: int,
         history_ttl_s: int = DEFAULT_HISTORY_TTL_S,
         lease_ms: int = DEFAULT_LEASE_MS,
+        room_queue_max: int = DEFAULT_ROOM_QUEUE_MAX,
+        room_lock_ms: int = DEFAULT_ROOM_LOCK_MS,
     ) -> None:
         self.redis = redis
         self._buffer_ttl_s = buffer_ttl_s
@@ -138,6 +192,10 @@ class GenerationStore:
         self._history_cap = history_cap
         self._history_ttl_s = history_ttl_s
         self.lease_ms = lease_ms
+        self._room_queue_max = room_queue_max
+        self.room_lock_ms = room_lock_ms
+        self._turn = redis.register_script(scripts.TURN)
+        self._keep = redis.register_script(scripts.KEEP)
         self._claim = redis.register_script(scripts.CLAIM)
         self._finish = redis.register_script(scripts.FINISH)
         self._cancel = redis.register_script(scripts.CANCEL)
@@ -160,8 +218,12 @@ class GenerationStore:
         """
         flat = [x for pair in fields.items() for x in pair]
         character = character_key(character_id) if character_id else "bs:character:-"
+        room = RoomKeys.of(room_id)
         res = await self._claim(
-            keys=[key.meta, index_key(key.request_id), room_key(room_id), character, key.lease],
+            keys=[
+                key.meta, index_key(key.request_id), room_key(room_id), character, key.lease,
+                room.lock, room.queue, room.waiting, room.fence,
+            ],
             args=[
                 self._idem_ttl_s,
                 key.user_id,
@@ -170,14 +232,50 @@ class GenerationStore:
                 orjson.dumps(user_message.wire()),
                 self.lease_ms,
                 self._history_ttl_s,
+                self._room_queue_max,
+                self.room_lock_ms,
+                key.slug,
                 *flat,
             ],
-        )
-        outcome, meta_flat, history, prompt = res
+        )  # fmt: skip
+        outcome, meta_flat, history, prompt, position, token = res
         meta = dict(zip(meta_flat[::2], meta_flat[1::2], strict=True))
         return Claim(
-            ClaimOutcome(outcome), meta, [_history_entry(m) for m in history], prompt or None
+            ClaimOutcome(outcome),
+            meta,
+            [_history_entry(m) for m in history],
+            prompt or None,
+            int(position),
+            token or None,
         )
+
+    async def turn(
+        self,
+        key: GenKey,
+        attempt: int,
+        *,
+        room_id: str,
+        user_message: ChatMessage,
+        history_messages: int,
+        character_id: str | None,
+    ) -> Turn:
+        """A waiting attempt asks for its room's lock (one round trip)."""
+        character = character_key(character_id) if character_id else "bs:character:-"
+        room = RoomKeys.of(room_id)
+        res = await self._turn(
+            keys=[
+                key.meta, room_key(room_id), character, room.lock, room.queue, room.waiting,
+                room.fence,
+            ],
+            args=[
+                key.ticket(attempt), self.room_lock_ms, history_messages, self._history_cap,
+                orjson.dumps(user_message.wire()), self._history_ttl_s,
+            ],
+        )  # fmt: skip
+        position = int(res[0])
+        if position != 0:
+            return Turn(position, lock_ttl_ms=int(res[1]) if len(res) > 1 else -2)
+        return Turn(0, str(res[1]), [_history_entry(m) for m in res[2]], res[3] or None)
 
     async def get_meta(self, key: GenKey) -> dict[str, str]:
         return cast(dict[str, str], await self.redis.hgetall(key.meta))
@@ -199,15 +297,17 @@ class GenerationStore:
         *,
         chunks: int,
         end_json: str,
-        room_id: str,
-        assistant: ChatMessage,
+        place: RoomPlace,
+        assistant: ChatMessage | None,
     ) -> bool:
-        """Terminal ``end`` entry, the record marked done, the assistant message stored.
+        """Terminal ``end`` entry, the record marked done, the assistant message stored (None:
+        the attempt never held its room, e.g. cancelled while queued), the room released.
 
-        False (nothing written) when a later attempt has taken the record over.
+        False (nothing written) when a later attempt has taken the record over, or when the
+        room's lock is no longer this attempt's (fencing).
         """
         return await self._end(
-            key, attempt, chunks, "end", end_json, room_id=room_id, assistant=assistant
+            key, attempt, chunks, "end", end_json, place=place, assistant=assistant
         )
 
     async def fail(
@@ -219,28 +319,37 @@ class GenerationStore:
         error_json: str,
         retryable: bool,
         retry_after_s: float | None,
+        place: RoomPlace,
     ) -> bool:
-        """Terminal ``error`` entry and the record marked failed; no assistant message.
-
-        A retryable failure lets the next request with the same key run again (``claim``).
-        """
+        """Terminal ``error`` entry and the record marked failed; no assistant message; the
+        room released. A retryable failure lets the next request with the same key run again
+        (``claim``)."""
         return await self._end(
             key,
             attempt,
             chunks,
             "error",
             error_json,
+            place=place,
             retryable=retryable,
             retry_after_s=retry_after_s,
         )
 
-    async def refresh_leases(self, keys: list[GenKey]) -> None:
-        """Keep this replica's generations alive in the eyes of the others (one pipeline)."""
-        if not keys:
+    async def refresh_leases(self, keys: list[GenKey], places: list[RoomPlace]) -> None:
+        """Keep this replica's generations alive in the eyes of the others, and their places
+        in their rooms (held locks, queued tickets): one pipeline."""
+        if not keys and not places:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
             for key in keys:
                 pipe.pexpire(key.lease, self.lease_ms)
+            for place in places:
+                room = RoomKeys.of(place.room_id)
+                await self._keep(
+                    keys=[room.lock, room.queue, room.waiting],
+                    args=[place.token or "", place.ticket, self.room_lock_ms],
+                    client=pipe,
+                )
             await pipe.execute()
 
     async def is_orphaned(self, key: GenKey, meta: dict[str, str]) -> bool:
@@ -285,13 +394,22 @@ class GenerationStore:
         kind: str,
         data: str,
         *,
-        room_id: str = "",
+        place: RoomPlace,
         assistant: ChatMessage | None = None,
         retryable: bool = False,
         retry_after_s: float | None = None,
     ) -> bool:
+        room = RoomKeys.of(place.room_id)
         res = await self._finish(
-            keys=[key.meta, key.buffer(attempt), room_key(room_id), key.lease],
+            keys=[
+                key.meta,
+                key.buffer(attempt),
+                room_key(place.room_id),
+                key.lease,
+                room.lock,
+                room.queue,
+                room.waiting,
+            ],  # fmt: skip
             args=[
                 attempt,
                 entry_id(chunks),
@@ -304,6 +422,10 @@ class GenerationStore:
                 orjson.dumps(assistant.wire()) if assistant is not None else "",
                 self._history_cap,
                 self._history_ttl_s,
+                place.token or "",
+                place.ticket,
+                TURN_CHANNEL,
+                place.room_id,
             ],
         )
         return bool(res)

@@ -295,7 +295,11 @@ class ChatHandlers:
             if relay.announced and relay.message_id is not None:
                 # From this replica's buffer, in one step (no await): nothing can interleave.
                 self.server.emit_to(
-                    sid, START, payloads.start(relay.request_id, room_id, relay.message_id)
+                    sid,
+                    START,
+                    payloads.start(
+                        relay.request_id, room_id, relay.message_id, relay.queue_position
+                    ),
                 )
                 for seq, text in enumerate(relay.parts):
                     chunk = payloads.chunk(relay.request_id, room_id, relay.message_id, seq, text)

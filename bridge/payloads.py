@@ -85,8 +85,11 @@ def new_message(
     }
 
 
-def start(request_id: str, room_id: str, message_id: str) -> Payload:
-    return {"requestId": request_id, "roomId": room_id, "messageId": message_id}
+def start(request_id: str, room_id: str, message_id: str, queue_position: int = 0) -> Payload:
+    payload: Payload = {"requestId": request_id, "roomId": room_id, "messageId": message_id}
+    if queue_position > 0:
+        payload["queuePosition"] = queue_position
+    return payload
 
 
 def chunk(request_id: str, room_id: str, message_id: str, seq: int, text: str) -> Payload:

@@ -128,6 +128,7 @@ class Relay:
         self._user_announced = False  # the user's new_message went to the room
         self._accepted_at: float | None = None
         self._first_chunk_at: float | None = None
+        self.queue_position = 0  # > 0 at start: the generation waited for its room
         self._resumes = 0
         self._duplicates = 0
         self.faults: list[str] = []  # one kind per broken stream (bridge_relay_faults_total)
@@ -232,6 +233,11 @@ class Relay:
                 raise SeqGap(f"expected seq {len(self.parts)}, got {event.seq}")
             await self._chunk(event.text)
         elif type(event) is Start:
+            if event.queue_position and not self.queue_position and not self.parts:
+                # Queued behind the room's earlier generations (the backend's per-room lock):
+                # the stream is pinged meanwhile, and the waits allow for the queue.
+                self.queue_position = event.queue_position
+                self._deadline += self._timeouts.queue_wait_s
             await self._start(event.message_id, event.user_message_id)
         elif type(event) is End:
             if not self.started:
@@ -251,6 +257,8 @@ class Relay:
             wait = self._timeouts.first_event_s
         elif not self.parts:
             wait = self._timeouts.first_chunk_s
+            if self.queue_position:
+                wait += self._timeouts.queue_wait_s
         else:
             wait = self._timeouts.idle_s
         remaining = self._deadline - self._clock()
@@ -282,7 +290,8 @@ class Relay:
         # in between), so a socket replayed from this relay never misses it.
         self.announced = True
         await self._sink.room(
-            "ai_message_start", payloads.start(self.request_id, self.room_id, message_id)
+            "ai_message_start",
+            payloads.start(self.request_id, self.room_id, message_id, self.queue_position),
         )
 
     async def _chunk(self, text: str) -> None:

@@ -24,6 +24,7 @@ DEFAULT_TOTAL_TIMEOUT_S = 180.0
 DEFAULT_RESUME_TIMEOUT_S = 5.0
 DEFAULT_MAX_RESUMES = 3
 DEFAULT_CANCEL_TIMEOUT_S = 5.0
+DEFAULT_QUEUE_WAIT_S = 120.0  # the backend's ROOM_QUEUE_WAIT_S
 DEFAULT_UPSTREAM_MAX_CONNECTIONS = 4000
 DEFAULT_RATE_LIMIT = 30
 DEFAULT_RATE_WINDOW_S = 60
@@ -53,6 +54,9 @@ class Timeouts:
     resume_s: float = DEFAULT_RESUME_TIMEOUT_S
     max_resumes: int = DEFAULT_MAX_RESUMES
     cancel_s: float = DEFAULT_CANCEL_TIMEOUT_S
+    # Added to the first-chunk wait and the total deadline of a generation whose ``start`` says
+    # it waits for its room (``queuePosition``), up to the backend's own bound on that wait.
+    queue_wait_s: float = DEFAULT_QUEUE_WAIT_S
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,6 +130,7 @@ class Settings:
                 resume_s=env.number("BRIDGE_RESUME_TIMEOUT_S", DEFAULT_RESUME_TIMEOUT_S),
                 max_resumes=env.integer("BRIDGE_MAX_RESUMES", DEFAULT_MAX_RESUMES, low=0),
                 cancel_s=env.number("BRIDGE_CANCEL_TIMEOUT_S", DEFAULT_CANCEL_TIMEOUT_S),
+                queue_wait_s=env.number("BRIDGE_QUEUE_WAIT_S", DEFAULT_QUEUE_WAIT_S),
             ),
             upstream_max_connections=env.integer(
                 "BRIDGE_UPSTREAM_MAX_CONNECTIONS", DEFAULT_UPSTREAM_MAX_CONNECTIONS, low=1

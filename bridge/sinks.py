@@ -234,7 +234,9 @@ async def _follow_stream(
         async for event in stream.events():
             if type(event) is Start and not state.announced:
                 state.announced = True
-                start = payloads.start(item.request_id, room_id, event.message_id)
+                start = payloads.start(
+                    item.request_id, room_id, event.message_id, event.queue_position
+                )
                 server.emit_to(sid, START, start, follower=True)
             elif type(event) is Chunk and state.announced and event.seq == state.expected:
                 state.expected += 1
@@ -247,7 +249,10 @@ async def _follow_stream(
             elif type(event) in (End, Failed) and state.announced:
                 server.emit_to(sid, *_terminal(event, item, room_id), follower=True)
                 return True
-            timer.reschedule(loop.time() + timeouts.idle_s)
+            wait = timeouts.idle_s
+            if type(event) is Start and event.queue_position:
+                wait = timeouts.first_chunk_s + timeouts.queue_wait_s  # waits for its room
+            timer.reschedule(loop.time() + wait)
     return False
 
 

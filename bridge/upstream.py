@@ -65,6 +65,7 @@ KEEPALIVE_EXPIRY_S = 30.0
 class Start:
     message_id: str
     user_message_id: str
+    queue_position: int = 0  # > 0: the generation waits for its room (the backend's lock)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +133,7 @@ def decode_event(name: str, data: str) -> UpstreamEvent | None:
     try:
         if name == "start":
             start = parse_json(StreamStart, data)
-            return Start(start.message_id, start.user_message_id)
+            return Start(start.message_id, start.user_message_id, start.queue_position or 0)
         if name == "end":
             return End(parse_json(StreamEnd, data))
         if name == "error":

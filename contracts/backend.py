@@ -71,12 +71,14 @@ class PostRequest(WireModel):
 
 
 class StreamStart(WireModel):
-    """``event: start``."""
+    """``event: start``; ``queuePosition`` (> 0, else absent): the generation waits for its
+    room, that many generations ahead of it (CONTRACT.md "Rooms and members")."""
 
     request_id: Id
     room_id: Id
     message_id: Id
     user_message_id: Id
+    queue_position: NonNegativeInt | None = None
 
 
 class StreamChunk(WireModel):

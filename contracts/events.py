@@ -165,6 +165,7 @@ class AiMessageStart(WireModel):
     request_id: Id
     room_id: Id
     message_id: Id
+    queue_position: NonNegativeInt | None = None  # > 0: waits for the room (else absent)
 
 
 class AiMessageChunk(WireModel):

@@ -4,7 +4,10 @@ The reply depends only on the prompt's last user message (same input, same reply
 when that message contains Hangul, else English. With ``SCRIPTED_DIRECTIVES=1`` the message may
 carry fault-injection directives for the load tester, e.g. ``[[ttft_ms=2000]]``, ``[[tps=5]]``,
 ``[[tokens=80]]``, ``[[fail=429]]`` / ``[[fail=500]]`` / ``[[fail=hang]]`` (at open),
-``[[fail_after=5]]`` (model error after 5 tokens), ``[[stall_after=5]]`` (no token after 5).
+``[[fail_after=5]]`` (model error after 5 tokens), ``[[stall_after=5]]`` (no token after 5),
+``[[recall=1]]`` (the reply reports what the prompt held: ``seen <n> <digest>``, n the assistant
+messages in it and digest the first 12 hex digits of sha256 over their contents joined by a
+newline; the room-order tests check with it that each prompt saw every earlier answer whole).
 They are ignored when the switch is off, so a user cannot slow a deployed service down.
 """
 
@@ -48,6 +51,7 @@ class _Plan:
     fail: str | None = None
     fail_after: int | None = None
     stall_after: int | None = None
+    recall: bool = False
 
 
 def reply_tokens_for(content: str, count: int) -> list[str]:
@@ -56,6 +60,13 @@ def reply_tokens_for(content: str, count: int) -> list[str]:
     rng = random.Random(seed)
     words = KOREAN_WORDS if HANGUL.search(content) else ENGLISH_WORDS
     return [(" " if i else "") + rng.choice(words) for i in range(count)]
+
+
+def recall(request: ModelRequest) -> list[str]:
+    """``[[recall=1]]``: the reply names the assistant messages the prompt held."""
+    answers = [m.content for m in request.messages if m.role == "assistant"]
+    digest = hashlib.sha256("\n".join(answers).encode()).hexdigest()[:12]
+    return ["seen", f" {len(answers)}", f" {digest}"]
 
 
 class ScriptedProvider:
@@ -74,7 +85,8 @@ class ScriptedProvider:
         if plan.fail == "500":
             raise ModelFailed("scripted model error")
         prompt_tokens = sum(len(m.content.split()) for m in request.messages)
-        return self._emit(plan, reply_tokens_for(user, plan.reply_tokens), request, prompt_tokens)
+        tokens = recall(request) if plan.recall else reply_tokens_for(user, plan.reply_tokens)
+        return self._emit(plan, tokens, request, prompt_tokens)
 
     async def aclose(self) -> None:
         return None
@@ -130,6 +142,8 @@ def _apply_directive(plan: _Plan, key: str, value: str) -> _Plan:
             return replace(plan, fail_after=max(0, int(value)))
         if key == "stall_after":
             return replace(plan, stall_after=max(0, int(value)))
+        if key == "recall":
+            return replace(plan, recall=value == "1")
     except ValueError:
         return plan
     return plan

@@ -15,6 +15,14 @@
 // did ({frames: rAF callbacks that wrote, flushes: chunk-text DOM writes, chunks: chunks taken}),
 // for the page test; nothing reads it back.
 //
+// A room people share (issue 11): #members lists who is online (join_room's ack, then
+// room_event joined/left), notices say who joined, left, was added or removed (li.system with
+// data-kind and data-user), every user bubble names its author ("You" for this page's user,
+// else the userId; li.turn[data-user]), Post sends a person-to-person message (post_message, no
+// AI: li.turn[data-kind=post]), Ask AI a request whose answer streams to everyone in the room;
+// one waiting for the room's earlier answers says so (li.turn[data-queue-position]). The
+// owner adds members with the form under the list (add_member).
+//
 // For every request this page sent, the page reports its own P0 timings once, when the request
 // ends (ai_message_end or ai_message_error): client_timing {requestId, sentAt (epoch ms of the
 // send click), startMs, firstChunkMs, endMs (ms from the click to the receipt of
@@ -28,8 +36,12 @@
     connectForm: $("connect-form"), token: $("token"), room: $("room"),
     connect: $("connect"), disconnect: $("disconnect"), status: $("status"),
     chat: document.querySelector("main.chat"), log: $("log"), composer: $("composer"), message: $("message"),
-    send: $("send"), cancel: $("cancel"),
+    send: $("send"), post: $("post"), cancel: $("cancel"),
+    members: $("members"), onlineCount: $("online-count"), addForm: $("add-member"),
+    member: $("member"), add: $("add"),
   };
+  const online = new Set(); // userIds online in the room
+  let me = null; // this page's userId (the token's sub)
   const turns = new Map(); // requestId -> turn
   const seen = new Set(); // `${messageId}:${seq}`, de-duplication of replayed chunks
   const mine = []; // requestIds sent from this page and not finished, oldest first
@@ -51,14 +63,24 @@
   }
 
   // The token's `sub`, for display only (the bridge verifies the token, the page does not).
-  function tokenUser(token) {
+  function tokenSub(token) {
     try {
       const payload = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
       const json = new TextDecoder().decode(Uint8Array.from(atob(payload), (c) => c.charCodeAt(0)));
-      return `“${JSON.parse(json).sub}”`;
+      const sub = JSON.parse(json).sub;
+      return typeof sub === "string" ? sub : null;
     } catch {
-      return "the token's user";
+      return null;
     }
+  }
+
+  function tokenUser(token) {
+    const sub = tokenSub(token);
+    return sub ? `“${sub}”` : "the token's user";
+  }
+
+  function author(userId) {
+    return !userId || userId === me ? "You" : userId;
   }
 
   function setStatus(state, text, code) {
@@ -72,7 +94,63 @@
     els.disconnect.disabled = !(socket && (connected || socket.active));
     els.message.disabled = !connected;
     els.send.disabled = !connected;
+    els.post.disabled = !connected;
+    els.member.disabled = !connected;
+    els.add.disabled = !connected;
+    if (!connected) renderMembers([]);
     updateCancel();
+  }
+
+  // ---- people -----------------------------------------------------------------------------
+
+  function renderMembers(users) {
+    if (users) {
+      online.clear();
+      for (const user of users) online.add(user);
+    }
+    els.members.replaceChildren(
+      ...[...online].sort().map((user) => {
+        const li = document.createElement("li");
+        li.dataset.user = user;
+        li.textContent = user === me ? `${user} (you)` : user;
+        if (user === me) li.classList.add("me");
+        return li;
+      }),
+    );
+    els.onlineCount.textContent = String(online.size);
+  }
+
+  function notice(kind, userId, text) {
+    const li = document.createElement("li");
+    li.className = "system notice";
+    li.dataset.kind = kind;
+    li.dataset.user = userId;
+    li.textContent = text;
+    els.log.append(li);
+    scrollToEnd();
+  }
+
+  function onRoomEvent(data) {
+    if (!data || data.roomId !== roomId || !data.userId) return;
+    const user = data.userId;
+    const who = user === me ? "You" : user;
+    if (data.type === "joined") {
+      online.add(user);
+      notice("joined", user, `${who} joined the room`);
+    } else if (data.type === "left") {
+      online.delete(user);
+      notice("left", user, `${who} left the room`);
+    } else if (data.type === "member_added") {
+      notice("member_added", user, `${who} ${user === me ? "were" : "was"} added to the room`);
+    } else if (data.type === "member_removed") {
+      online.delete(user);
+      notice("member_removed", user, `${who} ${user === me ? "were" : "was"} removed from the room`);
+      if (user === me) {
+        setStatus("error", `You were removed from “${roomId}”.`, "FORBIDDEN");
+        setConnected(false);
+      }
+    }
+    renderMembers();
   }
 
   function updateCancel() {
@@ -113,6 +191,7 @@
     li.dataset.requestId = requestId;
     li.dataset.state = "pending";
     const user = bubble("user", "You");
+    user.who = user.box.querySelector(".who");
     const reply = bubble("assistant", "Assistant");
     reply.box.hidden = true;
     reply.text.classList.add("reply");
@@ -230,6 +309,9 @@
     if (!message || !message.requestId) return;
     const turn = turnFor(message.requestId);
     if (message.role === "user") {
+      turn.user.who.textContent = author(message.userId);
+      if (message.userId) turn.li.dataset.user = message.userId;
+      if (message.userId && message.userId !== me) turn.user.box.classList.add("other");
       turn.user.text.textContent = message.content;
       turn.user.box.classList.remove("pending");
       if (turn.li.dataset.state === "pending") setState(turn, "sent");
@@ -246,6 +328,11 @@
     const turn = turnFor(data.requestId);
     turn.messageId = data.messageId;
     if (turn.startAt == null) turn.startAt = now();
+    if (data.queuePosition > 0 && turn.firstChunkAt == null) {
+      turn.li.dataset.queuePosition = String(data.queuePosition);
+      turn.note = `waiting for the room (${data.queuePosition} ahead)`;
+      renderMeta(turn);
+    }
     turn.reply.box.hidden = false;
     turn.reply.box.classList.add("streaming");
     if (!["done", "cancelled", "error"].includes(turn.li.dataset.state)) setState(turn, "streaming");
@@ -259,7 +346,10 @@
     if (["done", "cancelled", "error"].includes(turn.li.dataset.state)) return;
     turn.chunks[data.seq] = data.chunk;
     stats.chunks += 1;
-    if (turn.firstChunkAt == null) turn.firstChunkAt = now();
+    if (turn.firstChunkAt == null) {
+      turn.firstChunkAt = now();
+      if (turn.note.startsWith("waiting for the room")) turn.note = "";
+    }
     // Only the contiguous prefix (seq 0..n without a hole) goes to the screen, in seq order.
     const before = turn.taken;
     while (turn.taken < turn.chunks.length && turn.chunks[turn.taken] !== undefined) {
@@ -312,6 +402,7 @@
     socket.emit("join_room", { roomId: room }, (ack) => {
       if (ack && ack.ok) {
         roomId = ack.roomId;
+        renderMembers(ack.members || []);
         setStatus("connected", `Connected as ${tokenUser(socket.auth.token)} · room “${roomId}”.`);
         setConnected(true);
         els.message.focus();
@@ -326,6 +417,7 @@
     if (socket) disconnect();
     const token = els.token.value.trim();
     const room = els.room.value.trim() || "demo";
+    me = tokenSub(token);
     setStatus("connecting", "Connecting…");
     socket = window.io({ auth: { token }, transports: ["websocket", "polling"] });
     els.disconnect.disabled = false;
@@ -348,6 +440,7 @@
     socket.on("ai_message_end", onEnd);
     socket.on("ai_message_error", onError);
     socket.on("message_ack", onMessageAck);
+    socket.on("room_event", onRoomEvent);
   }
 
   function disconnect() {
@@ -390,6 +483,43 @@
     });
   }
 
+  // A person-to-person message: stored in the room's history, sent to the room, no AI.
+  function post() {
+    const content = els.message.value;
+    if (!socket || !socket.connected || !content.trim()) return;
+    const requestId = newRequestId();
+    const turn = turnFor(requestId);
+    turn.li.dataset.kind = "post";
+    turn.user.text.textContent = content;
+    turn.user.box.classList.add("pending");
+    scrollToEnd();
+    els.message.value = "";
+    socket.emit("post_message", { roomId, content, requestId }, (ack) => {
+      turn.user.box.classList.remove("pending");
+      if (ack && ack.ok) {
+        setState(turn, "posted");
+      } else {
+        const code = (ack && ack.code) || "INTERNAL";
+        turn.li.dataset.code = code;
+        turn.note = `rejected ${code}${ack && ack.message ? `: ${ack.message}` : ""}`;
+        setState(turn, "rejected");
+      }
+    });
+  }
+
+  function addMember() {
+    const userId = els.member.value.trim();
+    if (!socket || !socket.connected || !userId) return;
+    socket.emit("add_member", { roomId, userId }, (ack) => {
+      if (ack && ack.ok) {
+        els.member.value = "";
+      } else {
+        const code = (ack && ack.code) || "INTERNAL";
+        notice("add_failed", userId, `Cannot add ${userId}: ${code}${ack && ack.message ? ` — ${ack.message}` : ""}`);
+      }
+    });
+  }
+
   function cancel() {
     const requestId = mine[mine.length - 1];
     if (!socket || !requestId) return;
@@ -424,6 +554,11 @@
     }
   });
   els.cancel.addEventListener("click", cancel);
+  els.post.addEventListener("click", post);
+  els.addForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    addMember();
+  });
 
   const params = new URLSearchParams(window.location.search);
   if (params.get("room")) els.room.value = params.get("room");

@@ -153,7 +153,7 @@ async def test_a_generation_whose_replica_died_is_reported_and_rerun_on_retry(
     redis_url: str, backend_b: Backend
 ) -> None:
     """A crashed pod must not leave its requestId attached to a generation nobody runs."""
-    owner = Backend(start_backend(redis_url, GENERATION_LEASE_S="1"))
+    owner = Backend(start_backend(redis_url, GENERATION_LEASE_S="1", ROOM_LOCK_TTL_S="1"))
     payload = body("doomed [[tps=5]] [[tokens=40]]")
     try:
         async with owner.client() as a:
@@ -171,7 +171,7 @@ async def test_a_generation_whose_replica_died_is_reported_and_rerun_on_retry(
             f"/chat/messages/stream/{payload['requestId']}", params={"userId": payload["userId"]}
         )
         assert '"code":"BACKEND_UNAVAILABLE"' in resumed.text
-        await asyncio.sleep(1.2)  # the dead owner's lease lapses
+        await asyncio.sleep(1.2)  # the dead owner's lease (and its room lock) lapse
         rerun = await read_stream(b, {**payload, "content": "doomed [[tokens=4]]"})
         messages = await history(b, payload["roomId"])
     assert json.loads(rerun[0]["data"]) == start

@@ -139,18 +139,24 @@ async def test_total_timeout_ends_an_endless_generation_with_stream_timeout(redi
     claim = await store.claim(
         key,
         {"state": "running", "attempt": "1", "messageId": "m"},
-        room_id="room-t",
+        room_id=f"room-t-{key.request_id}",
         user_message=user,
         history_messages=0,
         character_id=None,
     )
     start = StreamStart(
-        request_id=key.request_id, room_id="room-t", message_id="m", user_message_id="u"
+        request_id=key.request_id,
+        room_id=f"room-t-{key.request_id}",
+        message_id="m",
+        user_message_id="u",
     )
-    gen = Generation(key=key, attempt=1, start=start, received_at=time.monotonic())
+    assert claim.token is not None  # a free room: the claim took its lock
+    gen = Generation(
+        key=key, attempt=1, start=start, received_at=time.monotonic(), token=claim.token
+    )
     began = time.monotonic()
     runner.start()
-    gen.task = asyncio.create_task(runner.run(gen, "hi", claim, time.monotonic()))
+    gen.task = asyncio.create_task(runner.run(gen, user, claim, time.monotonic()))
     await asyncio.wait_for(gen.task, 10)
     await runner.aclose()
     assert gen.terminal is not None and gen.terminal.kind is SseEvent.ERROR

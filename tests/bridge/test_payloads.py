@@ -44,6 +44,7 @@ def test_builders_match_the_contract_models() -> None:
         (MembersAck, payloads.members_ack("room", ["u1"])),
         (RoomEvent, payloads.room_event("room", RoomEventType.JOINED, "u1")),
         (AiMessageStart, payloads.start("r", "room", "m")),
+        (AiMessageStart, payloads.start("r", "room", "m", 3)),
         (AiMessageChunk, payloads.chunk("r", "room", "m", 3, "tok")),
         (AiMessageEnd, payloads.end("r", "room", end_body, timing)),
         (AiMessageError, payloads.error("r", "room", None, ErrorCode.STREAM_TIMEOUT, "x")),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -26,7 +27,7 @@ from contracts import (
     StreamError,
 )
 
-Step = UpstreamEvent | UpstreamError
+Step = UpstreamEvent | UpstreamError | float  # a float: the backend says nothing that long
 
 
 class ScriptedStream:
@@ -39,6 +40,9 @@ class ScriptedStream:
 
     async def _iterate(self) -> AsyncIterator[UpstreamEvent]:
         for step in self._steps:
+            if isinstance(step, float):
+                await asyncio.sleep(step)
+                continue
             if isinstance(step, UpstreamError):
                 raise step
             yield step
@@ -138,10 +142,15 @@ async def _run(
     fallback: bool = True,
     total_s: float = 30.0,
     clock: Callable[[], float] = time.monotonic,
+    first_chunk_s: float = 20.0,
+    queue_wait_s: float = 120.0,
 ) -> tuple[RecordingSink, Outcome]:
     sink = RecordingSink()
     job = RelayJob(request=REQ, received_at=clock(), fallback=fallback)
-    timeouts = Timeouts(total_s=total_s, resume_s=5.0, max_resumes=3)
+    timeouts = Timeouts(
+        total_s=total_s, resume_s=5.0, max_resumes=3, first_chunk_s=first_chunk_s,
+        queue_wait_s=queue_wait_s,
+    )  # fmt: skip
     relay = Relay(job, upstream=upstream, sink=sink, timeouts=timeouts, clock=clock)
     return sink, await relay.run()
 
@@ -259,3 +268,22 @@ async def test_total_timeout_ends_with_stream_timeout_without_fallback() -> None
     assert outcome.code is ErrorCode.STREAM_TIMEOUT
     assert upstream.complete_calls == 0 and upstream.resume_calls == []
     assert sink.names()[-2:] == ["ai_message_error", "sender:message_ack"]
+
+
+async def test_a_generation_queued_for_its_room_may_wait_past_the_first_chunk_timeout() -> None:
+    """``start`` with ``queuePosition``: the first chunk comes once the room's earlier answers
+    are done; the relay's waits allow for the queue (and only for a queued generation)."""
+    queued = [Start("m1", "um1", 2), 0.6, Chunk(0, "Hello"), _end()]
+    sink, outcome = await _run(
+        ScriptedUpstream(queued), first_chunk_s=0.3, queue_wait_s=1.0, total_s=0.5
+    )
+    assert (outcome.ok, outcome.path) == (True, Path.STREAM)
+    assert sink.get("ai_message_start")["queuePosition"] == 2
+    assert sink.chunks() == ["Hello"]
+
+    unqueued = [START, 0.6, Chunk(0, "Hello"), _end()]
+    sink, outcome = await _run(
+        ScriptedUpstream(unqueued, complete=_complete()), first_chunk_s=0.3, queue_wait_s=1.0
+    )
+    assert outcome.reason == "fallback:first_chunk_timeout"
+    assert "queuePosition" not in sink.get("ai_message_start")

@@ -26,9 +26,8 @@ def backend(redis_url: str) -> Iterator[ServerProcess]:
         yield proc
 
 
-@pytest.fixture(scope="module")
-def bridge_url(redis_url: str, backend: ServerProcess, node_modules: None) -> Iterator[str]:
-    env = {
+def bridge_env(redis_url: str, backend: ServerProcess) -> dict[str, str]:
+    return {
         **FAST_ENV,
         "BACKEND_URL": backend.url,
         "BACKEND_TOKEN": BACKEND_TOKEN,
@@ -37,5 +36,16 @@ def bridge_url(redis_url: str, backend: ServerProcess, node_modules: None) -> It
         "BRIDGE_IDLE_TIMEOUT_S": "5",
         "CHAT_STREAMING_DENY_USERS": "old-timer",
     }
-    with ServerProcess.python_module("bridge", env=env) as proc:
+
+
+@pytest.fixture(scope="module")
+def bridge_url(redis_url: str, backend: ServerProcess, node_modules: None) -> Iterator[str]:
+    with ServerProcess.python_module("bridge", env=bridge_env(redis_url, backend)) as proc:
+        yield proc.url
+
+
+@pytest.fixture(scope="module")
+def second_bridge_url(redis_url: str, backend: ServerProcess, node_modules: None) -> Iterator[str]:
+    """Another bridge replica on the same backend and Redis."""
+    with ServerProcess.python_module("bridge", env=bridge_env(redis_url, backend)) as proc:
         yield proc.url

@@ -3,9 +3,11 @@
 //
 //   node scenario.mjs <scenario.json>
 //
-// Scenario: {url, sockets: {name: {auth?, extraHeaders?, transports?}}, steps: [...]}; steps:
+// Scenario: {url, sockets: {name: {auth?, extraHeaders?, transports?, url?}}, steps: [...]};
+// steps:
 //   {do: "connect", socket}                      wait for connect or connect_error
-//   {do: "emit", socket, event, args, ack?}       emit (ack: wait for the ack, default true)
+//   {do: "emit", socket, event, args, ack?, wait?}  emit (ack: false sends none; wait: false
+//                                                 records the ack when it comes, not waiting)
 //   {do: "waitFor", socket, event, count?, timeoutMs?}   until `count` such events arrived
 //   {do: "sleep", ms}
 //   {do: "disconnect", socket}
@@ -39,7 +41,7 @@ function waitUntil(predicate, timeoutMs) {
 }
 
 function open(name, spec) {
-  const socket = io(scenario.url, {
+  const socket = io(spec.url || scenario.url, {
     auth: spec.auth,
     extraHeaders: spec.extraHeaders,
     transports: spec.transports || ["websocket"],
@@ -89,13 +91,21 @@ async function run(step) {
       // The ack is printed from the callback itself (called while the packet is processed),
       // not after an awaited promise: events that arrive in the same read would otherwise be
       // printed before it and the recorded order would not be the arrival order.
-      await new Promise((resolve, reject) => {
+      const acked = new Promise((resolve, reject) => {
         socket.timeout(timeoutMs).emit(step.event, ...args, (err, ack) => {
-          if (err) return reject(err);
+          if (err) {
+            out({ socket: step.socket, kind: "ack_timeout", event: step.event, label: step.label });
+            return reject(err);
+          }
           out({ socket: step.socket, kind: "ack", event: step.event, label: step.label, data: ack });
           resolve();
         });
       });
+      if (step.wait === false) {
+        acked.catch(() => {});  // recorded as ack_timeout; the test counts it
+        return;
+      }
+      await acked;
       return;
     }
     case "waitFor":
