@@ -215,3 +215,51 @@ async def test_person_messages_reach_the_room_once_and_are_stored_in_order(
     assert [(m["role"], m["userId"]) for m in history] == [
         ("user", bob), ("user", owner), ("assistant", None),
     ]  # fmt: skip
+
+
+def _room_view(client: Client) -> list[tuple[Any, ...]]:
+    """What a socket saw of the room's messages and answers, in arrival order."""
+    seen: list[tuple[Any, ...]] = []
+    for ev, d in client.events:
+        if ev == "new_message":
+            m = d["message"]
+            seen.append((ev, m["id"], m["userId"], m["content"]))
+        elif ev.startswith("ai_message_"):
+            seen.append((ev, d["requestId"], d.get("seq"), d.get("chunk"), d.get("content")))
+    return seen
+
+
+async def test_three_users_on_two_replicas_see_the_same_room(replicas: tuple[str, str]) -> None:
+    """Each asks the AI in turn and posts once; every socket sees the same sequence of
+    new_message / ai_message_* events, and each other user's presence once."""
+    one, two = replicas
+    users = [new_id("ann"), new_id("ben"), new_id("cat")]
+    room = new_id("room")
+    urls = (one, two, one)
+    clients = [Client() for _ in users]
+    try:
+        for client, user, url in zip(clients, users, urls, strict=True):
+            await client.connect(url, auth={"token": make_token(JWT_SECRET, user, rooms=[room])})
+            assert (await client.call("join_room", {"roomId": room}))["ok"] is True
+        await asyncio.sleep(0.3)
+        for client, user in zip(clients, users, strict=True):
+            posted = await client.call(
+                "post_message", {"roomId": room, "content": f"{user} says hi"}
+            )
+            assert posted["ok"] is True
+            assert (await _ask(client, room, f"question from {user}"))["ok"] is True
+            await client.wait_for("message_ack", wait_s=20)
+        for client in clients:
+            await client.wait_for("ai_message_end", 3)
+        await asyncio.sleep(0.3)
+        views = [_room_view(c) for c in clients]
+        assert views[0] == views[1] == views[2]
+        assert [v[0] for v in views[0]].count("ai_message_end") == 3
+        assert [v[0] for v in views[0]].count("new_message") == 6
+        # presence: each socket is told once of every user who joined after it
+        for i, client in enumerate(clients):
+            for j, user in enumerate(users):
+                assert _presence(client, user) == (["joined"] if j > i else []), (i, j)
+    finally:
+        for client in clients:
+            await client.close()
