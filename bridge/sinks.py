@@ -232,6 +232,8 @@ async def _follow_stream(
     loop = asyncio.get_running_loop()
     async with asyncio.timeout_at(loop.time() + timeouts.first_chunk_s) as timer:
         async for event in stream.events():
+            if not server.in_room(sid, room_id):
+                return True  # it left the room, or was removed from it: nothing more for it
             if type(event) is Start and not state.announced:
                 state.announced = True
                 start = payloads.start(

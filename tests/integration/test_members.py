@@ -263,3 +263,30 @@ async def test_three_users_on_two_replicas_see_the_same_room(replicas: tuple[str
     finally:
         for client in clients:
             await client.close()
+
+
+async def test_a_removed_member_replayed_by_a_follower_stops_receiving(
+    replicas: tuple[str, str],
+) -> None:
+    """Bob joins mid-answer on the other replica: he is replayed the generation from the backend
+    and followed live (bridge/sinks.py ``follow``); removed, that follower stops at once too."""
+    one, two = replicas
+    owner, bob = new_id("owner"), new_id("bob")
+    room = new_id("room")
+    async with connected(one, owner) as alice, connected(two, bob) as b:
+        assert (await alice.call("join_room", {"roomId": room}))["ok"] is True
+        assert (await alice.call("add_member", {"roomId": room, "userId": bob}))["ok"] is True
+        ack = await _ask(alice, room, "[[tps=10]] [[tokens=40]] slow and long")
+        assert ack["ok"] is True
+        await alice.wait_for("ai_message_chunk", 3)
+        joined = await b.call("join_room", {"roomId": room})
+        assert joined["ok"] is True and joined["inFlight"] == [ack["requestId"]]
+        await b.wait_for("ai_message_chunk", 5)  # replayed, then live
+        removed = await alice.call("remove_member", {"roomId": room, "userId": bob})
+        assert removed["ok"] is True
+        await asyncio.sleep(0.5)
+        seen = len(b.events)
+        await alice.wait_for("ai_message_end", wait_s=20)
+        await asyncio.sleep(0.5)
+        assert b.names()[seen:] == [], b.names()[seen:]
+        assert "ai_message_end" not in b.names()
