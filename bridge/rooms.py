@@ -40,7 +40,13 @@ from bridge.errors import StoreError
 
 PREFIX = "bridge:"
 HEARTBEAT_TTL_S = 15
-HOSTS_TTL_S = 4 * HEARTBEAT_TTL_S  # refreshed by every heartbeat of a replica in the room
+HOSTS_TTL_S = 4 * HEARTBEAT_TTL_S  # re-armed by the heartbeats of a replica in the room
+# A room's hosts / online keys are re-armed by the heartbeat once this old (a third of their TTL),
+# not on every beat: at 5,000 rooms on a replica, re-arming all of them every 5 s was 15,000
+# commands per beat, 8 % of the bridge's CPU (issue 8: cost that does not grow with users).
+ROOM_REFRESH_S = HOSTS_TTL_S / 3
+# Rooms per HEARTBEAT_SCRIPT call (Redis runs one call at a time: keep each short).
+HEARTBEAT_BATCH = 1000
 OWNER_REFRESH_MAX_S = 3600.0  # the heartbeat re-arms the owners of rooms in use at least this often
 OWNER_CACHE_MAX = 100_000
 
@@ -48,6 +54,21 @@ OWNER_CACHE_MAX = 100_000
 # it (the members set), or its token's ``rooms`` claim admits the room (ARGV[5] == '1'); then
 # record this host's presence and re-arm the keys' idle expiry (ARGV[3]: the owner's and the
 # members', ARGV[4]: the hosts set's). Returns {owner, 1 | 0}.
+# The heartbeat in one reply per batch of rooms (a pipeline of three commands per room parsed
+# 3 replies per room, each under its own read timeout in redis-py: most of the heartbeat's CPU).
+# KEYS[1]: this replica's liveness key, then per room its hosts set and this host's online set.
+# ARGV: host id, liveness TTL, hosts TTL. Returns 1 when the liveness key existed before.
+HEARTBEAT_SCRIPT = """
+local was = redis.call('SET', KEYS[1], '1', 'EX', ARGV[2], 'GET')
+for i = 2, #KEYS, 2 do
+  redis.call('SADD', KEYS[i], ARGV[1])
+  redis.call('EXPIRE', KEYS[i], ARGV[3])
+  redis.call('EXPIRE', KEYS[i + 1], ARGV[3])
+end
+if was then return 1 end
+return 0
+"""
+
 JOIN_SCRIPT = """
 local owner = redis.call('GET', KEYS[1])
 if not owner then
@@ -159,10 +180,12 @@ class RoomRegistry:
         self._owner_refresh_s = min(OWNER_REFRESH_MAX_S, room_ttl_s / 4)
         self._owners_refreshed_at = time.monotonic()
         self._owners: dict[str, str] = {}  # owners never change: cached, bounded
-        self._present: set[str] = set()  # rooms whose hosts set holds this replica
+        # rooms whose hosts set holds this replica -> when the heartbeat last re-armed them
+        self._present: dict[str, float] = {}
         self._join = redis.register_script(JOIN_SCRIPT)
         self._members = redis.register_script(MEMBERS_SCRIPT)
         self._presence = redis.register_script(PRESENCE_SCRIPT)
+        self._beat = redis.register_script(HEARTBEAT_SCRIPT)
 
     # ---- ownership and rate limit ---------------------------------------------------------
 
@@ -189,7 +212,7 @@ class RoomRegistry:
             self._owners.clear()
         self._owners[room_id] = owner
         if allowed:
-            self._present.add(room_id)
+            self._present[room_id] = time.monotonic()  # the script just armed its keys
         return bool(allowed)
 
     async def presence(self, room_id: str, user_id: str, op: str) -> Presence:
@@ -252,25 +275,46 @@ class RoomRegistry:
     # ---- presence -------------------------------------------------------------------------
 
     async def heartbeat(self) -> None:
-        """Refresh this replica's liveness and re-assert its presence in every room it serves
+        """Refresh this replica's liveness and re-assert its presence in the rooms it serves
         (another replica drops a host from a room whose heartbeat it saw expire), re-arming the
-        hosts sets' expiry; every ``_owner_refresh_s`` also the owners' (a room in use never
-        loses its owner, however long its members stay without sending)."""
+        hosts sets' expiry: each room once ``ROOM_REFRESH_S`` old, and every room at once when
+        this replica's liveness key was gone (it was given up for dead, or Redis is a new,
+        empty server); every ``_owner_refresh_s`` also the owners' (a room in use never loses
+        its owner, however long its members stay without sending)."""
         now = time.monotonic()
         owners = now - self._owners_refreshed_at >= self._owner_refresh_s
+        due = [r for r, at in self._present.items() if owners or now - at >= ROOM_REFRESH_S]
         async with _store("heartbeat"):
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.set(f"{PREFIX}host:{self.host_id}", "1", ex=HEARTBEAT_TTL_S)
-            for room_id in list(self._present):
-                hosts = f"{PREFIX}room:{room_id}:hosts"
-                pipe.sadd(hosts, self.host_id)
-                pipe.expire(hosts, HOSTS_TTL_S)
-                pipe.expire(f"{PREFIX}room:{room_id}:online:{self.host_id}", HOSTS_TTL_S)
-                if owners:
+            was_alive = await self._rearm(due)
+            if not was_alive and len(due) < len(self._present):
+                chosen = set(due)
+                rest = [r for r in self._present if r not in chosen]
+                await self._rearm(rest)
+                due += rest
+            if owners and due:
+                pipe = self._redis.pipeline(transaction=False)
+                for room_id in due:
                     pipe.expire(f"{PREFIX}room:{room_id}:owner", self._room_ttl_s)
-            await pipe.execute()
+                await pipe.execute()
+        for room_id in due:
+            if room_id in self._present:
+                self._present[room_id] = now
         if owners:
             self._owners_refreshed_at = now
+
+    async def _rearm(self, rooms: list[str]) -> bool:
+        """Refresh the liveness key and re-arm ``rooms``' keys; whether the key was alive."""
+        host = f"{PREFIX}host:{self.host_id}"
+        args: list[str | int] = [self.host_id, HEARTBEAT_TTL_S, HOSTS_TTL_S]
+        pipe = self._redis.pipeline(transaction=False)
+        for start in range(0, max(len(rooms), 1), HEARTBEAT_BATCH):
+            keys = [host]
+            for room_id in rooms[start : start + HEARTBEAT_BATCH]:
+                room = f"{PREFIX}room:{room_id}"
+                keys += [f"{room}:hosts", f"{room}:online:{self.host_id}"]
+            await self._beat(keys=keys, args=args, client=pipe)
+        first, *_ = await pipe.execute()
+        return bool(first)
 
     async def retire(self, rooms: list[str]) -> None:
         async with _store("retire"):
@@ -282,7 +326,7 @@ class RoomRegistry:
             await pipe.execute()
 
     async def absent(self, room_id: str) -> None:
-        self._present.discard(room_id)
+        self._present.pop(room_id, None)
         async with _store("presence"):
             await _aw(self._redis.srem(f"{PREFIX}room:{room_id}:hosts", self.host_id))
 
@@ -294,7 +338,7 @@ class RoomRegistry:
             pipe.sadd(hosts, self.host_id)
             pipe.expire(hosts, HOSTS_TTL_S)
             await pipe.execute()
-        self._present.add(room_id)
+        self._present[room_id] = time.monotonic()
 
     async def has_remote_members(self, room_id: str) -> bool:
         async with _store("presence"):

@@ -54,7 +54,8 @@ async def test_the_heartbeat_keeps_rooms_in_use_owned(
     redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Members that stay connected without sending keep their room: the heartbeat re-arms
-    the hosts sets every beat and the owners once per refresh period, not every beat."""
+    the hosts sets (here at once: its first beat finds no liveness key of its own) and the
+    owners once per refresh period, not every beat."""
     clock = [1000.0]
     monkeypatch.setattr(rooms_module.time, "monotonic", lambda: clock[0])
     registry = _registry(redis)
@@ -78,3 +79,34 @@ async def test_the_heartbeat_keeps_rooms_in_use_owned(
     clock[0] += ROOM_TTL_S
     await registry.heartbeat()
     assert await redis.ttl(owner) <= 50
+
+
+async def test_the_heartbeat_rearms_a_room_once_a_third_of_its_ttl_old_or_when_given_up(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not every room on every beat (that cost grew with the users connected, issue 8): a
+    room's keys once ``ROOM_REFRESH_S`` old; all at once when this replica's liveness key was
+    gone (another replica may have dropped it from the rooms' hosts sets meanwhile)."""
+    clock = [1000.0]
+    monkeypatch.setattr(rooms_module.time, "monotonic", lambda: clock[0])
+    registry = _registry(redis)
+    await registry.heartbeat()  # the replica is alive
+    room, user = new_id("room"), new_id("user")
+    assert await registry.join(room, user) is True
+    hosts = f"bridge:room:{room}:hosts"
+    await redis.expire(hosts, 30)
+
+    clock[0] += 5
+    await registry.heartbeat()
+    assert await redis.ttl(hosts) <= 30  # joined 5 s ago: not due
+
+    clock[0] += rooms_module.ROOM_REFRESH_S
+    await registry.heartbeat()
+    assert await redis.ttl(hosts) > HOSTS_TTL_S - 5  # due
+
+    # Given up for dead (its liveness key expired): another replica dropped it from the room.
+    await redis.srem(hosts, registry.host_id)
+    await redis.delete(f"bridge:host:{registry.host_id}")
+    clock[0] += 5
+    await registry.heartbeat()
+    assert registry.host_id in await redis.smembers(hosts)
