@@ -9,7 +9,6 @@ earlier answer of the room whole.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import signal
@@ -23,6 +22,7 @@ import pytest
 
 from tests.backend_stream.conftest import Backend, metric, parse_frames, start_backend
 from tests.backend_stream.test_registry import history
+from tests.support.recall import recalled
 
 
 def ask(room_id: str, content: str, user: str | None = None) -> dict[str, str]:
@@ -37,12 +37,6 @@ def ask(room_id: str, content: str, user: str | None = None) -> dict[str, str]:
 
 def new_room() -> str:
     return f"room-{uuid.uuid4().hex[:10]}"
-
-
-def recalled(answers: list[str]) -> str:
-    """What ``[[recall=1]]`` answers after a prompt holding ``answers``."""
-    digest = hashlib.sha256("\n".join(answers).encode()).hexdigest()[:12]
-    return f"seen {len(answers)} {digest}"
 
 
 async def stream(client: httpx.AsyncClient, payload: dict[str, str]) -> list[dict[str, str]]:
@@ -68,7 +62,8 @@ async def test_requests_in_one_room_run_one_at_a_time_in_acceptance_order(
     backend: Backend, backend_b: Backend
 ) -> None:
     room = new_room()
-    payloads = [ask(room, f"question {i} [[recall=1]] [[tps=40]]") for i in range(4)]
+    # [[recall=1]] answers in 3 tokens: at 5 per second each answer outlasts the 4 sends
+    payloads = [ask(room, f"question {i} [[recall=1]] [[tps=5]]") for i in range(4)]
     async with backend.client() as a, backend_b.client() as b:
         tasks = []
         for i, payload in enumerate(payloads):  # accepted in this order, on two replicas
