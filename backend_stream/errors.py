@@ -4,7 +4,7 @@
 BackendStreamError
 ├── ProviderError              # the model failed; raised by providers, mapped from SDK errors
 │   ├── ModelTimeout (+TimeoutError)
-│   ├── ModelRateLimited       # carries retry_after_s
+│   ├── ModelRateLimited       # with retry_after_s (any error may carry one)
 │   └── ModelFailed            # 5xx, malformed stream, refused request
 ├── GenerationTimeout (+TimeoutError)  # idle between tokens / total budget exceeded
 ├── RoomWaitTimeout            # waited ROOM_QUEUE_WAIT_S for the room's lock (ROOM_BUSY)
@@ -23,9 +23,10 @@ class BackendStreamError(Exception):
 
     code: ErrorCode = ErrorCode.INTERNAL
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.retry_after_s = retry_after_s  # the error event's Retry-After, where there is one
 
 
 class ProviderError(BackendStreamError):
@@ -39,10 +40,6 @@ class ModelTimeout(ProviderError, TimeoutError):
 class ModelRateLimited(ProviderError):
     code = ErrorCode.RATE_LIMITED
 
-    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
 
 class ModelFailed(ProviderError):
     code = ErrorCode.MODEL_ERROR
@@ -54,10 +51,6 @@ class GenerationTimeout(BackendStreamError, TimeoutError):
 
 class RoomWaitTimeout(BackendStreamError):
     code = ErrorCode.ROOM_BUSY
-
-    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 class Superseded(BackendStreamError):

@@ -146,7 +146,7 @@ class GenerationRegistry:
             token=claim.token,
         )
         self._local[key] = gen
-        user_message = _user_message_from_meta(req, meta)
+        user_message = _user_message(req, meta)  # the record's ids (a retry keeps its first)
         task = asyncio.create_task(self._run(gen, user_message, claim, claimed_at))
         gen.task = task
         if self._early_cancels.pop(key, None) is not None:
@@ -251,12 +251,6 @@ def _user_message(req: ChatRequest, record: dict[str, str]) -> ChatMessage:
         character_id=req.character_id,
         created_at=record["createdAt"],
     )
-
-
-def _user_message_from_meta(req: ChatRequest, meta: dict[str, str]) -> ChatMessage:
-    """The user message as the record names it (a retried record keeps its first ids)."""
-    ids = {"userMessageId": meta["userMessageId"], "createdAt": meta["createdAt"]}
-    return _user_message(req, ids)
 
 
 def _new_record(req: ChatRequest) -> dict[str, str]:

@@ -28,7 +28,6 @@ from backend_stream.errors import (
     BackendStreamError,
     GenerationTimeout,
     ModelFailed,
-    ModelRateLimited,
     ModelTimeout,
     ProviderError,
     RoomWaitTimeout,
@@ -430,10 +429,7 @@ class GenerationRunner:
             await self._fail(run, ErrorCode.BACKEND_UNAVAILABLE, "storage unavailable")
 
     async def _fail_with(self, run: _Run, exc: BackendStreamError) -> None:
-        retry_after = (
-            exc.retry_after_s if isinstance(exc, ModelRateLimited | RoomWaitTimeout) else None
-        )
-        await self._fail(run, exc.code, exc.message, retry_after)
+        await self._fail(run, exc.code, exc.message, exc.retry_after_s)
 
     async def _shutdown(self, run: _Run) -> None:
         """Say so to every listener, and let another replica retry the request."""

@@ -33,14 +33,14 @@ class RoomTurns:
         self._rooms: dict[str, Signal] = {}
 
     @contextlib.contextmanager
-    def waiting(self, room_id: str) -> Iterator[Signal]:
+    def waiting(self, room_id: str) -> Iterator[None]:
         """This process waits for ``room_id`` while the block runs."""
         signal = self._rooms.get(room_id)
         if signal is None:
             signal = self._rooms[room_id] = Signal()
         signal.waiters += 1
         try:
-            yield signal
+            yield
         finally:
             signal.waiters -= 1
             if signal.waiters == 0 and self._rooms.get(room_id) is signal:
@@ -67,6 +67,3 @@ class RoomTurns:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
                 await event.wait()
-
-    def __len__(self) -> int:
-        return len(self._rooms)

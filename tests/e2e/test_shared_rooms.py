@@ -10,7 +10,6 @@ every member's socket saw the same events for every request; nothing lost or dou
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from typing import Any
 
@@ -19,14 +18,10 @@ import httpx
 from bridge.auth import make_token
 from tests.bridge.harness import JWT_SECRET, new_id
 from tests.e2e.node import events, of, run_scenario
+from tests.support.recall import recalled
 
 MEMBERS = 4
 STREAM_EVENTS = ("ai_message_start", "ai_message_chunk", "ai_message_end", "ai_message_error")
-
-
-def recalled(answers: list[str]) -> str:
-    digest = hashlib.sha256("\n".join(answers).encode()).hexdigest()[:12]
-    return f"seen {len(answers)} {digest}"
 
 
 def history(url: str, room: str, user: str) -> list[dict[str, Any]]:
@@ -40,6 +35,16 @@ def history(url: str, room: str, user: str) -> list[dict[str, Any]]:
     assert resp.status_code == 200, resp.text
     messages: list[dict[str, Any]] = resp.json()["messages"]
     return messages
+
+
+def emit_now(
+    socket: str, event: str, label: str, room: str, content: str, timeout_ms: int = 60_000
+) -> dict[str, Any]:
+    """A scenario step that sends ``event`` to ``room`` without waiting for its ack (the ack
+    is recorded when it comes, under ``label``)."""
+    payload = {"roomId": room, "requestId": new_id(label), "content": content}
+    return {"do": "emit", "socket": socket, "event": event, "wait": False, "label": label,
+            "timeoutMs": timeout_ms, "args": [payload]}  # fmt: skip
 
 
 def per_request(records: list[dict[str, Any]], socket: str) -> dict[str, list[tuple[Any, ...]]]:
@@ -78,18 +83,9 @@ def test_fifty_rooms_of_four_members_at_once_keep_order_and_lose_nothing(
     for i, room in enumerate(rooms):  # all at once: nothing waits for an ack here
         for j in range(MEMBERS):
             name = f"r{i}m{j}"
-            steps.append(
-                {"do": "emit", "socket": name, "event": "send_message", "wait": False,
-                 "label": "send", "timeoutMs": 60_000,
-                 "args": [{"roomId": room, "requestId": new_id("ask"),
-                           "content": f"question {i}.{j} [[recall=1]] [[tps=100]]"}]}
-            )  # fmt: skip
-            steps.append(
-                {"do": "emit", "socket": name, "event": "post_message", "wait": False,
-                 "label": "post", "timeoutMs": 60_000,
-                 "args": [{"roomId": room, "requestId": new_id("post"),
-                           "content": f"hello from {users[name]}"}]}
-            )  # fmt: skip
+            question = f"question {i}.{j} [[recall=1]] [[tps=100]]"
+            steps.append(emit_now(name, "send_message", "send", room, question))
+            steps.append(emit_now(name, "post_message", "post", room, f"hello from {users[name]}"))
     for name in sockets:
         steps.append(
             {"do": "waitFor", "socket": name, "event": "ai_message_end", "count": MEMBERS,
@@ -139,11 +135,10 @@ def test_a_full_room_queue_refuses_the_next_send_with_room_busy(bridge_url: str)
     ]
     for i in range(7):
         steps.append(
-            {"do": "emit", "socket": "a", "event": "send_message", "wait": False,
-             "label": f"send{i}", "timeoutMs": 30_000,
-             "args": [{"roomId": room, "requestId": new_id("ask"),
-                       "content": f"q{i} [[tps=40]] [[tokens=20]]"}]}
-        )  # fmt: skip
+            emit_now(
+                "a", "send_message", f"send{i}", room, f"q{i} [[tps=40]] [[tokens=20]]", 30_000
+            )
+        )
     steps.append(
         {"do": "waitFor", "socket": "a", "event": "ai_message_end", "count": 6,
          "timeoutMs": 60_000}
