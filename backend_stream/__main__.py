@@ -29,6 +29,9 @@ DEFAULT_PORT = 8100
 GC_GEN0_THRESHOLD = 50_000
 
 
+KEEP_ALIVE_S = 75  # > the bridge's KEEPALIVE_EXPIRY_S (30 s)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="backend_stream", description=__doc__)
     parser.add_argument("--host", default=DEFAULT_HOST)
@@ -73,6 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             port=args.port,
             log_config=None,
             access_log=False,
+            # Idle keep-alive connections outlive the bridge's (bridge/upstream.py keeps them
+            # 30 s): with uvicorn's default of 5 s the server closed connections the bridge could
+            # pick for its next request in that very instant, which then failed and fell back.
+            timeout_keep_alive=KEEP_ALIVE_S,
             timeout_graceful_shutdown=5,
         )
         _tune_gc()

@@ -51,3 +51,12 @@ def test_launcher_refuses_to_start_without_a_service_token() -> None:
     )  # fmt: skip
     assert done.returncode == 2
     assert "BACKEND_TOKEN" in done.stderr and "BACKEND_INSECURE_DEV_TOKEN" in done.stderr
+
+
+def test_the_backend_keeps_idle_connections_longer_than_the_bridge_reuses_them() -> None:
+    """The server side of a keep-alive connection must outlive the client side, or the bridge
+    may send a request on a connection the backend is closing (it fails and falls back)."""
+    from backend_stream import __main__ as backend_main
+    from bridge import upstream
+
+    assert backend_main.KEEP_ALIVE_S > upstream.KEEPALIVE_EXPIRY_S
