@@ -1,10 +1,12 @@
 """``python -m bridge`` (console script ``chat-bridge``): serve, flags, stack, token, client.
 
     python -m bridge [--host H] [--port P]            serve (settings from the environment)
-    python -m bridge flags show                       print the live flags (Redis over env)
+    python -m bridge flags show                       the live flags (through the operator API)
     python -m bridge flags set enabled=true percent=25 allow_users=a,b allow_roles=internal,admin
-                               deny_users=c fallback=true
-    python -m bridge flags reset                      drop every override (env defaults again)
+                               deny_users=c fallback=true [--reason R]
+    python -m bridge flags reset                      every flag back to its environment value
+    python -m bridge rollout status|start|promote|pause|resume|rollback [--reason R] ...
+                                                      (bridge/admin_client.py: --url, --token)
     python -m bridge stack [--host H] [--port P] [--prometheus]
                                                       Redis + backend + bridge, prints READY {...}
     python -m bridge token USER [--roles a,b] [--ttl-s N]   a JWT signed with JWT_SECRET
@@ -18,20 +20,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import os
 import signal
 import sys
 from collections.abc import Sequence
-
-from redis.asyncio import Redis
 
 from bridge.logs import configure
 from bridge.settings import DEV_JWT_SECRET, Settings, SettingsError
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
-COMMANDS = ("flags", "stack", "token", "client")
+COMMANDS = ("flags", "rollout", "stack", "token", "client")
 
 
 def _exit_on_sigterm() -> None:
@@ -56,8 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bridge: {exc}", file=sys.stderr)
         return 2
     configure(settings.log_level)
-    if command == "flags":
-        return _flags(rest, settings)
+    if command in ("flags", "rollout"):
+        from bridge import admin_client
+
+        run = admin_client.flags_main if command == "flags" else admin_client.rollout_main
+        return run(rest, os.environ)
     if command == "token":
         return _token(rest)
     if command == "client":
@@ -128,44 +130,6 @@ def _run(coro: object) -> None:
         uvloop.run(coro)  # type: ignore[arg-type]
     except ImportError:
         asyncio.run(coro)  # type: ignore[arg-type]
-
-
-def _flags(rest: list[str], settings: Settings) -> int:
-    from bridge.flags import FlagStore, describe
-
-    parser = argparse.ArgumentParser(prog="bridge flags")
-    parser.add_argument("action", choices=["show", "set", "reset"])
-    parser.add_argument("changes", nargs="*", help="name=value pairs (set)")
-    parsed = parser.parse_args(rest)
-    if settings.redis_url is None:
-        print("bridge flags: set REDIS_URL", file=sys.stderr)
-        return 2
-    changes: dict[str, str] = {}
-    for pair in parsed.changes:
-        name, sep, value = pair.partition("=")
-        if not sep:
-            print(f"bridge flags: expected name=value, got {pair!r}", file=sys.stderr)
-            return 2
-        changes[name.strip()] = value
-
-    async def act() -> dict[str, object]:
-        redis = Redis.from_url(settings.redis_url or "", decode_responses=True)
-        try:
-            store = FlagStore(redis, settings.flags, refresh_s=settings.flags_refresh_s)
-            if parsed.action == "set":
-                return describe(await store.set(changes))
-            if parsed.action == "reset":
-                return describe(await store.reset())
-            return describe(await store.load())
-        finally:
-            await redis.aclose()
-
-    try:
-        print(json.dumps(asyncio.run(act()), indent=2))
-    except ValueError as exc:
-        print(f"bridge flags: {exc}", file=sys.stderr)
-        return 2
-    return 0
 
 
 def _token(rest: list[str]) -> int:

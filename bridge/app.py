@@ -20,13 +20,17 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from bridge.admin import AdminApi
 from bridge.auth import Authenticator
+from bridge.breaker import Breaker, remove_breaker, write_breaker
 from bridge.errors import StoreError
 from bridge.flags import FlagStore
+from bridge.gates import Prometheus
 from bridge.handlers import ChatHandlers
 from bridge.metrics import Metrics
 from bridge.page import PageApp
 from bridge.rest import ClientApi
+from bridge.rollout import Controller, RolloutStore
 from bridge.rooms import RoomRegistry
 from bridge.settings import Settings
 from bridge.sio import SocketServer
@@ -38,6 +42,7 @@ log = structlog.get_logger("bridge.app")
 
 HEARTBEAT_INTERVAL_S = 5.0
 HEARTBEAT_RETRY_S = 0.5
+BREAKER_PUBLISH_S = 2.0  # the breaker's snapshot in Redis is at most this old (plus a change)
 REDIS_MAX_CONNECTIONS = 64
 REDIS_WARM_CONNECTIONS = 16
 REDIS_TIMEOUT_S = 5.0
@@ -101,16 +106,32 @@ class Bridge:
             room_ttl_s=settings.room_ttl_s,
         )
         self.client_api = ClientApi(auth=auth, rooms=self.rooms, upstream=self.upstream)
+        self.rollout = RolloutStore(self.redis, self.flags, settings.rollout)
+        self.prometheus = Prometheus(settings.rollout.prometheus_url)
+        self.controller = Controller(
+            self.rollout, self.prometheus, replica_id=self.server.host_id, redis=self.redis
+        )
+        self.admin_api = AdminApi(
+            auth=auth, flags=self.flags, store=self.rollout, controller=self.controller,
+            redis=self.redis,
+        )  # fmt: skip
         self.tracing = Tracing.create(enabled=settings.tracing, service_name=settings.service_name)
+        self._breaker_changed = asyncio.Event()
+        self.breaker = Breaker.from_settings(
+            self.server.host_id, settings.breaker, on_change=self._breaker_changed.set
+        )
         self._handlers = ChatHandlers(
             settings=settings, auth=auth, rooms=self.rooms, flags=self.flags,
             upstream=self.upstream, metrics=self.metrics, tracing=self.tracing,
+            breaker=self.breaker,
         )  # fmt: skip
         self._handlers.bind(self.server)
         self.metrics.bind(
             sockets=self.server.connected,
             kicks=lambda: self.server.kicks,
             rollout_percent=self._rollout_percent,
+            replica=self.server.host_id,
+            breaker_open=self.breaker.open_value,
         )
         self._background: list[asyncio.Task[None]] = []
         self._redis_ok = False
@@ -143,6 +164,8 @@ class Bridge:
         self._background = [
             asyncio.create_task(self.flags.poll_forever()),
             asyncio.create_task(self._heartbeat_forever()),
+            asyncio.create_task(self._publish_breaker_forever()),
+            asyncio.create_task(self.controller.run_forever()),
         ]
         if self.settings.insecure_dev_auth:
             log.warning("insecure_dev_auth_enabled", detail="auth.userId is trusted without token")
@@ -151,12 +174,15 @@ class Bridge:
         left = await cancel_and_wait(self._background, STOP_TASKS_TIMEOUT_S)
         if left:
             log.warning("background_tasks_left_running", count=len(left))
+        await self.controller.release()
+        await self.prometheus.aclose()
         local_rooms = self.server.local_rooms()
         await self.server.shutdown()
         try:
             await self.rooms.retire(local_rooms)
         except StoreError:
             pass
+        await remove_breaker(self.redis, self.breaker.replica_id)
         await self.upstream.aclose()
         await self.redis.aclose()
         await asyncio.to_thread(self.tracing.shutdown)
@@ -189,6 +215,17 @@ class Bridge:
                 self._redis_ok = False
                 log.warning("heartbeat_failed")
 
+    async def _publish_breaker_forever(self) -> None:
+        """The breaker's snapshot to ``bridge:breakers`` at once on a change, else every
+        ``BREAKER_PUBLISH_S`` (read by the operators' API: bridge.breaker.read_breakers)."""
+        while True:
+            self._breaker_changed.clear()  # a change while writing sets it again: written next
+            await write_breaker(self.redis, self.breaker)  # never raises on a Redis failure
+            try:
+                await asyncio.wait_for(self._breaker_changed.wait(), BREAKER_PUBLISH_S)
+            except TimeoutError:
+                pass
+
     def asgi(self) -> Any:
         return self.server.asgi_app(PageApp(self._probe_app))
 
@@ -214,6 +251,8 @@ class Bridge:
         elif path == "/metrics":
             await _reply(send, 200, self.metrics.render(), "text/plain; version=0.0.4")
         elif await self.client_api.handle(scope, send):
+            pass
+        elif await self.admin_api.handle(scope, receive, send):
             pass
         else:
             await _reply(send, 404, b'{"error":"not found"}')

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, cast
@@ -31,10 +32,13 @@ from redis.exceptions import RedisError
 
 from bridge.errors import StoreError
 from bridge.settings import FlagDefaults, parse_bool, parse_names
+from contracts import utc_now_iso
 
 log = structlog.get_logger("bridge.flags")
 
 FLAGS_KEY = "bridge:flags"
+AUDIT_KEY = "bridge:audit"  # newest first, JSON entries {at, actor, action, before, after, reason}
+AUDIT_MAX = 1000
 BUCKETS = 10_000
 BUCKET_SALT = b"chat-streaming:"
 MAX_BACKOFF_S = 5.0
@@ -165,3 +169,46 @@ class FlagStore:
     async def reset(self) -> FlagDefaults:
         await self._redis.delete(FLAGS_KEY)
         return await self.load()
+
+    async def patch(
+        self, changes: Mapping[str, str], *, actor: str, reason: str | None
+    ) -> tuple[FlagDefaults, FlagDefaults]:
+        """Write ``changes`` and their audit entry in one transaction; (before, after)."""
+        checked = validate_changes(changes)
+        before = await self.load()
+        after = parse_overrides(checked, before)
+        entry = {
+            "at": utc_now_iso(), "actor": actor, "action": "flags",
+            "before": _changed(describe(before), checked),
+            "after": _changed(describe(after), checked), "reason": reason,
+        }  # fmt: skip
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(FLAGS_KEY, mapping=dict(checked.items()))
+                pipe.lpush(AUDIT_KEY, json.dumps(entry))
+                pipe.ltrim(AUDIT_KEY, 0, AUDIT_MAX - 1)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"flags: redis unavailable ({type(exc).__name__})") from None
+        log.info("flags_patched", actor=actor, fields=sorted(checked))
+        return before, await self.load()
+
+    async def audit(self, limit: int) -> list[dict[str, Any]]:
+        """The newest ``limit`` audit entries (flag changes and rollout transitions)."""
+        try:
+            raw: list[str] = await cast(Any, self._redis.lrange(AUDIT_KEY, 0, limit - 1))
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"audit: redis unavailable ({type(exc).__name__})") from None
+        entries = []
+        for item in raw:
+            try:
+                entries.append(json.loads(item))
+            except ValueError:
+                continue
+        return entries
+
+
+def _changed(flags: Mapping[str, object], fields: Mapping[str, str]) -> dict[str, object]:
+    """The camelCase values of ``fields`` in ``flags`` (an audit entry's before / after)."""
+    names = {"allow_users": "allowUsers", "allow_roles": "allowRoles", "deny_users": "denyUsers"}
+    return {names.get(name, name): flags[name] for name in fields}

@@ -21,12 +21,13 @@ from redis.exceptions import RedisError
 
 from bridge import payloads
 from bridge.auth import Authenticator, AuthError, Identity
+from bridge.breaker import STREAM, Breaker, verdict
 from bridge.errors import PayloadError, StoreError, UpstreamError, UpstreamHttpError
 from bridge.fanout import CHUNK, START
 from bridge.flags import FlagStore, decide
 from bridge.metrics import Metrics
 from bridge.payloads import Payload
-from bridge.relay import Outcome, Relay, RelayJob
+from bridge.relay import GAP_UNREPAIRED, Outcome, Relay, RelayJob
 from bridge.rooms import InFlight, RoomRegistry
 from bridge.settings import Settings
 from bridge.sinks import RoomSink, follow, run_complete
@@ -85,9 +86,11 @@ class ChatHandlers:
         upstream: Upstream,
         metrics: Metrics,
         tracing: Tracing | None = None,
+        breaker: Breaker | None = None,
     ) -> None:
         self._settings = settings
         self._tracing = tracing or Tracing(None)
+        self._breaker = breaker or Breaker("local", enabled=False)
         self._auth = auth
         self._rooms = rooms
         self._flags = flags
@@ -345,22 +348,26 @@ class ChatHandlers:
         )  # fmt: skip
         flags = self._flags.current
         decision = decide(flags, ident.user_id, ident.roles)
-        path = Path.STREAM if decision.streaming else Path.COMPLETE
+        reason = decision.reason
+        ticket = self._breaker.allow_stream() if decision.streaming else None
+        if decision.streaming and ticket is None:
+            reason = "breaker"  # this replica's stream path is failing: the complete path
+        path = Path.STREAM if ticket is not None else Path.COMPLETE
         structlog.contextvars.bind_contextvars(
             requestId=request_id, roomId=msg.room_id, userId=ident.user_id,
-            characterId=msg.character_id, path=path.value, flag=decision.reason,
+            characterId=msg.character_id, path=path.value, flag=reason,
         )  # fmt: skip
         trace = self._tracing.request(
             "send_message", received_at,
             {"chat.request_id": request_id, "chat.room_id": msg.room_id,
-             "chat.path": path.value, "chat.flag": decision.reason},
+             "chat.path": path.value, "chat.flag": reason},
         )  # fmt: skip
         job = RelayJob(
             request=request, received_at=received_at, fallback=flags.fallback, trace=trace
         )
         self._expect_timing(sid, request_id)
-        if path is Path.STREAM:
-            self.server.spawn(self._stream(sid, job, ack))
+        if ticket is not None:
+            self.server.spawn(self._stream(sid, job, ack, ticket))
         else:
             self.server.spawn(self._complete(sid, job, ack))
 
@@ -377,7 +384,7 @@ class ChatHandlers:
             ack, request_id, ErrorCode.RATE_LIMITED, "too many messages, slow down", retry_after_ms
         )
 
-    async def _stream(self, sid: str, job: RelayJob, ack: AckFn) -> None:
+    async def _stream(self, sid: str, job: RelayJob, ack: AckFn, ticket: int = STREAM) -> None:
         req = job.request
         sink = RoomSink(server=self.server, rooms=self._rooms, sid=sid, request=req, ack=ack)
         relay = Relay(job, upstream=self._upstream, sink=sink, timeouts=self._settings.timeouts)
@@ -387,8 +394,10 @@ class ChatHandlers:
         try:
             outcome = await relay.run()
             self._record(outcome, job)
+            self._judge(ticket, outcome)
         except Exception:
             log.exception("relay_crashed")
+            self._breaker.record(ticket, good=False)
             job.trace.end(ok=False, attributes={"chat.code": ErrorCode.INTERNAL.value}, events={})
             await self._crashed(relay, sink)
         finally:
@@ -446,9 +455,24 @@ class ChatHandlers:
         )  # fmt: skip
         self._metrics.requests.labels(path=Path.COMPLETE.value, ok=str(ok).lower()).inc()
         self._metrics.completion.labels(path=Path.COMPLETE.value).observe(elapsed)
+        if ok:
+            # the complete path's first token arrives with the whole answer: its TTFT is its
+            # completion, the figure the stream cohort's is compared with (bridge/gates.py)
+            self._metrics.ttft.labels(path=Path.COMPLETE.value).observe(elapsed)
         if code is not None:
             self._metrics.errors.labels(code=code.value).inc()
         log.info("request_done", ok=ok, code=code, total_ms=round(elapsed * 1000, 1))
+
+    def _judge(self, ticket: int, outcome: Outcome) -> None:
+        """Tell the breaker how this stream-path request went (CONTRACT.md section 5)."""
+        good = verdict(
+            ok=outcome.ok, fell_back=outcome.path is Path.FALLBACK, code=outcome.code,
+            rejected=outcome.rejected,
+        )  # fmt: skip
+        if good is None:
+            self._breaker.forget(ticket)
+        else:
+            self._breaker.record(ticket, good=good)
 
     def _record(self, outcome: Outcome, job: RelayJob) -> None:
         m = self._metrics
@@ -460,6 +484,9 @@ class ChatHandlers:
                 m.ack.labels(path=outcome.path.value).observe(outcome.accepted_ms / 1000.0)
         for kind in outcome.faults:
             m.relay_faults.labels(kind=kind).inc()
+        if not outcome.ok and "gap" in outcome.faults:
+            # a seq gap that neither a resume nor the fallback repaired (a rollout gate)
+            m.relay_faults.labels(kind=GAP_UNREPAIRED).inc()
         if outcome.first_chunk_ms is not None:
             m.ttft.labels(path=outcome.path.value).observe(outcome.first_chunk_ms / 1000.0)
         if outcome.total_ms is not None and not outcome.rejected:

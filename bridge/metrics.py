@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+PATHS = ("stream", "fallback", "complete")
+GATED_FAULTS = ("gap_unrepaired", "content_mismatch")  # bridge/gates.py FAULT_KINDS
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -66,6 +68,23 @@ class Metrics:
         self.kicks = Gauge(
             "bridge_slow_consumer_disconnects", "sockets dropped over the output bound", registry=r
         )
+        self.breaker_open = Gauge(
+            "bridge_breaker_open",
+            "1 while this replica's breaker sends new requests to the complete path (open or"
+            " half open), else 0",
+            ["replica"],
+            registry=r,
+        )
+        # Every series a rollout gate reads exists from the start, at 0: Prometheus's
+        # ``increase`` over a window misses a counter's first value when its series appears in
+        # the window, so the first failures of a stage would go uncounted (bridge/gates.py).
+        for path in PATHS:
+            for ok in ("true", "false"):
+                self.requests.labels(path=path, ok=ok)
+            for histogram in (self.ttft, self.completion, self.ack):
+                histogram.labels(path=path)
+        for kind in GATED_FAULTS:
+            self.relay_faults.labels(kind=kind)
 
     def bind(
         self,
@@ -73,10 +92,15 @@ class Metrics:
         sockets: Callable[[], float],
         kicks: Callable[[], float],
         rollout_percent: Callable[[], float],
+        replica: str | None = None,
+        breaker_open: Callable[[], float] | None = None,
     ) -> None:
         self.sockets.set_function(sockets)
         self.kicks.set_function(kicks)
         self.rollout_percent.set_function(rollout_percent)
+        if replica is not None and breaker_open is not None:
+            # one series, there from the start (0 while closed): Prometheus always has data
+            self.breaker_open.labels(replica=replica).set_function(breaker_open)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,4 +1,5 @@
-"""The try-it page: ``GET /`` and its assets under ``/static/``, in front of the probe app.
+"""The try-it page (``GET /``), the operator page (``GET /admin``) and their assets under
+``/static/``, in front of the probe app (everything under ``/admin/`` stays the JSON API).
 
 ``bridge/static/`` is read once at start-up into memory (a few tens of kB) and only those files
 are served, looked up by exact name: no path from the request ever reaches the file system, so
@@ -27,7 +28,10 @@ App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 STATIC_PREFIX = "/static/"
 INDEX = "index.html"
+ADMIN = "admin.html"
 PAGE_PATHS = ("/", "/index.html")
+ADMIN_PATH = "/admin"
+PAGES = (INDEX, ADMIN)  # served at their paths only, with their asset URLs versioned
 ASSET_MAX_AGE_S = 31_536_000
 CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -77,15 +81,18 @@ def load_assets(files: Mapping[str, bytes] | None = None) -> dict[str, Asset]:
             for entry in root.iterdir()
             if entry.is_file() and not entry.name.startswith(".") and entry.name != "README"
         }
-    assets = {name: _asset(name, body) for name, body in files.items() if name != INDEX}
-    if INDEX in files:
-        page = files[INDEX].decode()
+    assets = {name: _asset(name, body) for name, body in files.items() if name not in PAGES}
+    pages = {}
+    for page_name in PAGES:
+        if page_name not in files:
+            continue
+        page = files[page_name].decode()
         for name, asset in assets.items():
             page = page.replace(
                 f'"{STATIC_PREFIX}{name}"', f'"{STATIC_PREFIX}{name}?v={asset.version}"'
             )
-        assets[INDEX] = _asset(INDEX, page.encode())
-    return assets
+        pages[page_name] = _asset(page_name, page.encode())
+    return {**assets, **pages}
 
 
 class PageApp:
@@ -103,9 +110,11 @@ class PageApp:
         immutable = False
         if path in PAGE_PATHS:
             asset = self._assets.get(INDEX)
+        elif path == ADMIN_PATH:
+            asset = self._assets.get(ADMIN)
         elif path.startswith(STATIC_PREFIX):
             name = path[len(STATIC_PREFIX) :]
-            asset = None if name == INDEX else self._assets.get(name)
+            asset = None if name in PAGES else self._assets.get(name)
             immutable = asset is not None and _query_version(scope) == asset.version
         else:
             await self._other(scope, receive, send)

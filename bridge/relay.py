@@ -39,7 +39,7 @@ from bridge.payloads import Payload
 from bridge.settings import Timeouts
 from bridge.tracing import CallSpan, RequestTrace
 from bridge.upstream import Chunk, End, Failed, Start, Upstream, UpstreamEvent, UpstreamStream
-from contracts import ChatRequest, CompleteResponse, ErrorCode, Path, StreamEnd
+from contracts import ChatRequest, CompleteResponse, ErrorCode, FinishReason, Path, StreamEnd
 
 log = structlog.get_logger("bridge.relay")
 
@@ -61,6 +61,11 @@ class EventSink(Protocol):
 
     def sender(self, event: str, payload: Payload) -> None:
         """An event for the sender's socket only."""
+
+
+CONTENT_MISMATCH = "content_mismatch"
+GAP_UNREPAIRED = "gap_unrepaired"
+_WHOLE = frozenset({FinishReason.STOP, FinishReason.LENGTH})
 
 
 def fault_kind(exc: UpstreamError) -> str:
@@ -317,6 +322,14 @@ class Relay:
         )
         end = payloads.end(self.request_id, self.room_id, body, timing)
         end["messageId"] = self.message_id
+        if (
+            self._path is Path.STREAM
+            and body.finish_reason in _WHOLE
+            and body.content != "".join(self.parts)
+        ):
+            # the end's content is authoritative and corrects every client, but the room saw
+            # chunks that did not add up to it: a relay fault the rollout's gate counts
+            self.faults.append(CONTENT_MISMATCH)
         await self._sink.room("ai_message_end", end)
         self._sink.sender(
             "message_ack",

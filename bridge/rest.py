@@ -82,7 +82,7 @@ class ClientApi:
             log.warning("history_failed", code=exc.code.value)
             status = HTTP_STATUS.get(exc.code, 502)
             return await _error(send, status, exc.code, "history unavailable")
-        await _reply(send, 200, history.wire_json().encode())
+        await reply_json(send, 200, history.wire_json().encode())
 
 
 def _limit(query: bytes) -> int | None:
@@ -96,10 +96,11 @@ def _limit(query: bytes) -> int | None:
 
 
 async def _error(send: Send, status: int, code: ErrorCode, message: str) -> None:
-    await _reply(send, status, orjson.dumps({"code": code.value, "message": message}))
+    await reply_json(send, status, orjson.dumps({"code": code.value, "message": message}))
 
 
-async def _reply(send: Send, status: int, body: bytes) -> None:
+async def reply_json(send: Send, status: int, body: bytes) -> None:
+    """One JSON answer, never cached (the client and operator APIs)."""
     await send(
         {
             "type": "http.response.start",

@@ -32,8 +32,19 @@ DEFAULT_ROOM_TTL_S = 30 * 86_400  # an unused room's owner record expires after 
 DEFAULT_SOCKET_MAX_QUEUE = 1000
 DEFAULT_SOCKET_DRAIN_GRACE_S = 2.0
 DEFAULT_FLAGS_REFRESH_S = 0.5
+# the per-replica breaker (CONTRACT.md section 5, bridge/breaker.py)
+DEFAULT_BREAKER_WINDOW_S = 30
+MAX_BREAKER_WINDOW_S = 3600  # one bucket per second
+DEFAULT_BREAKER_MIN_REQUESTS = 20
+DEFAULT_BREAKER_FAILURE_RATIO = 0.2
+DEFAULT_BREAKER_OPEN_S = 30.0
+MAX_BREAKER_OPEN_S = 3600.0
+DEFAULT_BREAKER_PROBES = 3
 DEFAULT_STREAMING_PERCENT = 100.0
 DEFAULT_CHANNEL = "chat-bridge"
+DEFAULT_ROLLOUT_EVAL_S = 15.0
+DEFAULT_ROLLOUT_DWELL_S = 600.0
+DEFAULT_ROLLOUT_MIN_SAMPLES = 200
 DEFAULT_LOG_LEVEL = "INFO"
 DEFAULT_SERVICE_NAME = "chat-bridge"
 
@@ -72,6 +83,30 @@ class FlagDefaults:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RolloutSettings:
+    """The rollout controller (bridge/rollout.py) and its gates (bridge/gates.py)."""
+
+    prometheus_url: str | None = None  # no Prometheus: every gate waits, nothing auto-promotes
+    eval_s: float = DEFAULT_ROLLOUT_EVAL_S  # how often the lease holder judges the stage
+    dwell_s: float = DEFAULT_ROLLOUT_DWELL_S  # a start's default dwellS
+    min_samples: int = DEFAULT_ROLLOUT_MIN_SAMPLES  # a start's default minSamples
+
+
+@dataclass(frozen=True, kw_only=True)
+class BreakerSettings:
+    """The per-replica breaker: over ``window_s``, at least ``min_requests`` stream requests and
+    more than ``failure_ratio`` of them failed or fell back -> complete path for ``open_s``, then
+    ``probes`` requests on the stream path decide."""
+
+    enabled: bool = True
+    window_s: int = DEFAULT_BREAKER_WINDOW_S
+    min_requests: int = DEFAULT_BREAKER_MIN_REQUESTS
+    failure_ratio: float = DEFAULT_BREAKER_FAILURE_RATIO
+    open_s: float = DEFAULT_BREAKER_OPEN_S
+    probes: int = DEFAULT_BREAKER_PROBES
+
+
+@dataclass(frozen=True, kw_only=True)
 class Settings:
     """Everything the bridge reads from its environment."""
 
@@ -81,6 +116,7 @@ class Settings:
     jwt_secret: str | None = None
     insecure_dev_auth: bool = False
     flags: FlagDefaults = field(default_factory=FlagDefaults)
+    rollout: RolloutSettings = field(default_factory=RolloutSettings)
     timeouts: Timeouts = field(default_factory=Timeouts)
     upstream_max_connections: int = DEFAULT_UPSTREAM_MAX_CONNECTIONS
     rate_limit: int = DEFAULT_RATE_LIMIT
@@ -90,6 +126,7 @@ class Settings:
     socket_max_queue: int = DEFAULT_SOCKET_MAX_QUEUE
     socket_drain_grace_s: float = DEFAULT_SOCKET_DRAIN_GRACE_S
     flags_refresh_s: float = DEFAULT_FLAGS_REFRESH_S
+    breaker: BreakerSettings = field(default_factory=BreakerSettings)
     cors_origins: tuple[str, ...] = ()
     channel: str = DEFAULT_CHANNEL
     log_level: str = DEFAULT_LOG_LEVEL
@@ -116,6 +153,18 @@ class Settings:
                 allow_roles=env.names("CHAT_STREAMING_ALLOW_ROLES"),
                 deny_users=env.names("CHAT_STREAMING_DENY_USERS"),
                 fallback=env.flag("CHAT_STREAMING_FALLBACK", True),
+            ),
+            rollout=RolloutSettings(
+                prometheus_url=(env.text("PROMETHEUS_URL") or "").rstrip("/") or None,
+                eval_s=env.number(
+                    "BRIDGE_ROLLOUT_EVAL_S", DEFAULT_ROLLOUT_EVAL_S, low=0.2, high=3600.0
+                ),
+                dwell_s=env.number(
+                    "BRIDGE_ROLLOUT_DWELL_S", DEFAULT_ROLLOUT_DWELL_S, low=0.0, high=7 * 86_400.0
+                ),
+                min_samples=env.integer(
+                    "BRIDGE_ROLLOUT_MIN_SAMPLES", DEFAULT_ROLLOUT_MIN_SAMPLES, low=1
+                ),
             ),
             timeouts=Timeouts(
                 connect_s=env.number("BRIDGE_CONNECT_TIMEOUT_S", DEFAULT_CONNECT_TIMEOUT_S),
@@ -150,6 +199,28 @@ class Settings:
             flags_refresh_s=env.number(
                 "BRIDGE_FLAGS_REFRESH_S", DEFAULT_FLAGS_REFRESH_S, low=0.05, high=1.0
             ),
+            breaker=BreakerSettings(
+                enabled=env.flag("BRIDGE_BREAKER_ENABLED", True),
+                window_s=env.integer(
+                    "BRIDGE_BREAKER_WINDOW_S",
+                    DEFAULT_BREAKER_WINDOW_S,
+                    low=1,
+                    high=MAX_BREAKER_WINDOW_S,
+                ),
+                min_requests=env.integer(
+                    "BRIDGE_BREAKER_MIN_REQUESTS", DEFAULT_BREAKER_MIN_REQUESTS, low=1
+                ),
+                failure_ratio=env.number(
+                    "BRIDGE_BREAKER_FAILURE_RATIO",
+                    DEFAULT_BREAKER_FAILURE_RATIO,
+                    low=0.0,
+                    high=1.0,
+                ),
+                open_s=env.number(
+                    "BRIDGE_BREAKER_OPEN_S", DEFAULT_BREAKER_OPEN_S, high=MAX_BREAKER_OPEN_S
+                ),
+                probes=env.integer("BRIDGE_BREAKER_PROBES", DEFAULT_BREAKER_PROBES, low=1),
+            ),
             cors_origins=tuple(sorted(env.names("BRIDGE_CORS_ORIGINS"))),
             channel=env.text("BRIDGE_CHANNEL") or DEFAULT_CHANNEL,
             log_level=(env.text("BRIDGE_LOG_LEVEL") or DEFAULT_LOG_LEVEL).upper(),
@@ -166,7 +237,7 @@ class _Env:
         value = self._environ.get(name, "").strip()
         return value or None
 
-    def integer(self, name: str, default: int, *, low: int = 0) -> int:
+    def integer(self, name: str, default: int, *, low: int = 0, high: int | None = None) -> int:
         raw = self.text(name)
         try:
             value = default if raw is None else int(raw)
@@ -174,6 +245,8 @@ class _Env:
             raise SettingsError(f"{name} must be an integer") from None
         if value < low:
             raise SettingsError(f"{name} must be >= {low}")
+        if high is not None and value > high:
+            raise SettingsError(f"{name} must be <= {high}")
         return value
 
     def number(

@@ -76,6 +76,10 @@ def run_stack(host: str, port: int, environ: Mapping[str, str], *, prometheus: b
         env.setdefault("PROVIDER", "scripted")
         backend = start_backend(host, backend_port, env)
         wait_healthy(backend_url, backend, BACKEND_START_TIMEOUT_S)
+        if prometheus:
+            targets = {"chat-bridge": f"{host}:{port}", "chat-backend": f"{host}:{backend_port}"}
+            scraper = LocalPrometheus(targets, host=host).start()
+            env.setdefault("PROMETHEUS_URL", scraper.url)  # the rollout gates read it
         settings = Settings.from_env({**env, "BACKEND_URL": backend_url, "JWT_SECRET": secret})
         bridge = Bridge(settings, redis_url=redis.url)
         info = {
@@ -87,9 +91,9 @@ def run_stack(host: str, port: int, environ: Mapping[str, str], *, prometheus: b
             "token": make_token(secret, DEV_USER, roles=["internal"], ttl_s=86_400),
         }
         info["pageUrl"] = f"{info['bridgeUrl']}/?token={info['token']}"  # JWTs are URL-safe
-        if prometheus:
-            targets = {"chat-bridge": f"{host}:{port}", "chat-backend": f"{host}:{backend_port}"}
-            scraper = LocalPrometheus(targets, host=host).start()
+        admin = make_token(secret, "dev-operator", roles=["admin"], ttl_s=86_400)
+        info["adminUrl"] = f"{info['bridgeUrl']}/admin#token={admin}"
+        if scraper is not None:
             info["prometheusUrl"] = scraper.url
 
         async def announce() -> None:
@@ -124,6 +128,7 @@ def _banner(info: Mapping[str, str]) -> str:
             "chat stack is up",
             f"  Try it: {info['pageUrl']}",
             f"  bridge   {info['bridgeUrl']}  (Socket.IO v4 at /socket.io; /healthz /metrics)",
+            f"  operators: {info['adminUrl']}",
             f"  backend  {info['backendUrl']}",
             f"  redis    {info['redisUrl']}",
             *(

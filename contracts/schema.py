@@ -12,7 +12,7 @@ import sys
 from pathlib import Path as FsPath
 from typing import Any
 
-from contracts import backend, events
+from contracts import admin, backend, events
 from contracts.base import WireModel
 
 SCHEMA_DIR = FsPath(__file__).parent / "schemas"
@@ -61,6 +61,13 @@ HTTP_MODELS: list[type[WireModel]] = [
     backend.CancelResponse,
     backend.ErrorBody,
     backend.HistoryResponse,
+    # the bridge's operator API (CONTRACT.md section 4)
+    admin.FlagsPatch,
+    admin.FlagsView,
+    admin.RolloutStart,
+    admin.Transition,
+    admin.RolloutView,
+    admin.AuditEntry,
 ]
 
 

@@ -54,6 +54,7 @@ class Script:
     complete_status: int = 200
     complete_delay_s: float = 0.0
     complete_content: str | None = None  # default: the chunks joined
+    end_content: str | None = None  # the stream's `end` content; default: the chunks joined
     message_id: str = "m-1"
     user_message_id: str = "u-1"
 
@@ -201,7 +202,7 @@ class FakeBackend:
             sent += 1
             if s.chunk_delay_s:
                 await asyncio.sleep(s.chunk_delay_s)
-        await self._end(send, "".join(s.chunks), "stop")
+        await self._end(send, "".join(s.chunks) if s.end_content is None else s.end_content, "stop")
 
     async def _end(self, send: Send, content: str, reason: str) -> None:
         end = {

@@ -139,6 +139,36 @@ async def test_seq_gap_resumes_from_last_contiguous_seq(
     assert resume.headers["last-event-id"] == "1"
 
 
+def _faults(bridge: RunningBridge, kind: str) -> float:
+    value: float = bridge.bridge.metrics.relay_faults.labels(kind=kind)._value.get()
+    return value
+
+
+async def test_end_content_that_differs_from_the_chunks_is_a_relay_fault(
+    bridge: RunningBridge, fake: FakeBackend
+) -> None:
+    assert _faults(bridge, "content_mismatch") == 0
+    client, _, rid = await _send(bridge)  # a healthy stream first: no fault
+    assert _faults(bridge, "content_mismatch") == 0
+    fake.script = Script(end_content="Hello, World!")
+    client, _, rid = await _send(bridge)
+    (end,) = client.named("ai_message_end")
+    assert end["content"] == "Hello, World!"  # authoritative, corrects every client
+    assert _faults(bridge, "content_mismatch") == 1  # the rollout's relay_faults gate
+
+
+async def test_a_gap_nothing_repairs_is_counted_unrepaired(
+    bridge: RunningBridge, fake: FakeBackend
+) -> None:
+    fake.script = Script(skip_seq=2)  # repaired by a resume: not counted
+    await _send(bridge)
+    assert (_faults(bridge, "gap"), _faults(bridge, "gap_unrepaired")) == (1, 0)
+    fake.script = Script(skip_seq=2, resume_status=404, complete_status=503)
+    client, _, rid = await _send(bridge)
+    assert client.named("message_ack")[0]["ok"] is False
+    assert (_faults(bridge, "gap"), _faults(bridge, "gap_unrepaired")) == (2, 1)
+
+
 async def test_retryable_error_event_falls_back(bridge: RunningBridge, fake: FakeBackend) -> None:
     fake.script = Script(error_after=2, error_retryable=True)
     client, _, rid = await _send(bridge)

@@ -77,6 +77,7 @@ async def test_assets_are_versioned_by_content_and_cached_only_at_that_version()
         "/static/",
         "/static/README",
         "/static/index.html",
+        "/static/admin.html",
         "/static/nope.js",
         "/static/app.js/",
     ],
@@ -92,14 +93,37 @@ async def test_nothing_outside_the_known_assets_is_served(path: str) -> None:
 async def test_other_paths_reach_the_wrapped_app() -> None:
     async with _client() as client:
         response = await client.get("/healthz")
-    assert (response.status_code, response.text) == (418, "/healthz")
+        assert (response.status_code, response.text) == (418, "/healthz")
+        for path in ("/admin/", "/admin/flags", "/admin/rollout", "/admin.html", "/admin/x"):
+            assert (await client.get(path)).status_code == 418, path  # the API's, not a page
+
+
+async def test_admin_page_is_served_at_admin_with_versioned_assets_and_the_same_headers() -> None:
+    async with _client() as client:
+        response = await client.get("/admin")
+        index = await client.get("/")
+        assert response.status_code == 200 and response.content != index.content
+        assert response.headers["content-type"] == "text/html; charset=utf-8"
+        assert response.headers["cache-control"] == "no-cache"
+        for header in ("content-security-policy", "x-content-type-options", "referrer-policy"):
+            assert response.headers[header] == index.headers[header]
+        refs = dict(re.findall(r'"/static/([\w.-]+)\?v=(\w+)"', response.text))
+        assert set(refs) == {"app.css", "admin.css", "admin.js"}
+        for name, version in refs.items():
+            assert version == hashlib.sha256((STATIC / name).read_bytes()).hexdigest()[:12]
+        again = await client.get("/admin", headers={"if-none-match": response.headers["etag"]})
+        assert again.status_code == 304
+        assert (await client.post("/admin")).status_code == 405
 
 
 def test_only_known_files_are_loaded_and_the_page_refs_get_versions() -> None:
     assets = load_assets({"index.html": b'<script src="/static/a.js"></script>', "a.js": b"1"})
     version = hashlib.sha256(b"1").hexdigest()[:12]
     assert assets["index.html"].body == f'<script src="/static/a.js?v={version}"></script>'.encode()
-    assert set(load_assets()) == {"index.html", "app.js", "app.css", "socket.io.min.js"}
+    assert set(load_assets()) == {
+        "index.html", "app.js", "app.css", "socket.io.min.js", "admin.html", "admin.js",
+        "admin.css",
+    }  # fmt: skip
 
 
 def test_vendored_socket_io_client_is_the_pinned_version() -> None:

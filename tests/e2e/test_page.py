@@ -81,7 +81,7 @@ def test_page_in_chromium_streams_completes_cancels_and_refuses(stack: dict[str,
                 {
                     "do": "exec",
                     "argv": flip,
-                    "env": {"REDIS_URL": stack["redisUrl"], **FAST_ENV},
+                    "env": {"BRIDGE_URL": stack["url"], **FAST_ENV},
                     "cwd": str(REPO),
                     "sleepMs": 800,
                 },

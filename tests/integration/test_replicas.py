@@ -11,21 +11,27 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.bridge.harness import assert_contract_stream, connected, new_id, stream_of
+from tests.bridge.harness import FAST_ENV, assert_contract_stream, connected, new_id, stream_of
 
 SLOW = "[[tps=25]] [[tokens=40]] tell me a story"
 
 
 @pytest.fixture
-def flags_cli(redis_url: str) -> Iterator[list[str]]:
-    argv = [sys.executable, "-m", "bridge", "flags"]
+def flags_cli(replicas: tuple[str, str]) -> Iterator[list[str]]:
+    """``python -m bridge flags`` against the first replica's operator API (an admin token
+    signed with the replicas' JWT_SECRET)."""
+    argv = [sys.executable, "-m", "bridge", "flags", "--url", replicas[0]]
     yield argv
-    subprocess.run([*argv, "reset"], env={**os.environ, "REDIS_URL": redis_url}, check=True)
+    subprocess.run([*argv[:4], "reset", *argv[4:]], env=_cli_env(), check=True)
 
 
-def _flags(argv: list[str], redis_url: str, *args: str) -> str:
+def _cli_env() -> dict[str, str]:
+    return {**os.environ, "JWT_SECRET": FAST_ENV["JWT_SECRET"]}
+
+
+def _flags(argv: list[str], *args: str) -> str:
     done = subprocess.run(
-        [*argv, *args], env={**os.environ, "REDIS_URL": redis_url}, capture_output=True, text=True
+        [*argv[:4], *args, *argv[4:]], env=_cli_env(), capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
     return done.stdout
@@ -109,15 +115,15 @@ async def test_flag_change_through_the_cli_is_obeyed_by_every_replica_within_a_s
     one, two = replicas
     user = new_id("user")
     assert {await _path(one, user), await _path(two, user)} == {"stream"}
-    _flags(flags_cli, redis_url, "set", "enabled=false")
+    _flags(flags_cli, "set", "enabled=false")
     changed_at = time.monotonic()
     await asyncio.sleep(1.0)
     assert await _path(two, user) == "complete"
     assert await _path(one, user) == "complete"
-    _flags(flags_cli, redis_url, "set", "enabled=true", "percent=0", f"allow_users={user}")
+    _flags(flags_cli, "set", "enabled=true", "percent=0", f"allow_users={user}")
     await asyncio.sleep(1.0)
     assert await _path(two, user) == "stream"
     assert await _path(one, new_id("someone-else")) == "complete"
-    shown = _flags(flags_cli, redis_url, "show")
+    shown = _flags(flags_cli, "show")
     assert f'"{user}"' in shown and '"percent": 0.0' in shown
     assert time.monotonic() - changed_at < 30
