@@ -25,9 +25,12 @@ Payload = dict[str, Any]
 _RETRYABLE = frozenset(code.value for code in RETRYABLE)
 
 
-def accepted(request_id: str, room_id: str, message_id: str | None, path: Path) -> Payload:
-    # The ack's path is "stream" or "complete": a fallback is still the stream path to the sender.
-    ack_path = Path.COMPLETE if path is Path.COMPLETE else Path.STREAM
+def accepted(
+    request_id: str, room_id: str, message_id: str | None, path: Path, task_id: str | None = None
+) -> Payload:
+    # The ack's path is "stream", "complete" or "batch": a fallback is still the stream path to
+    # the sender.
+    ack_path = path if path in (Path.COMPLETE, Path.BATCH) else Path.STREAM
     return {
         "ok": True,
         "stage": "accepted",
@@ -35,6 +38,7 @@ def accepted(request_id: str, room_id: str, message_id: str | None, path: Path) 
         "roomId": room_id,
         "messageId": message_id,
         "path": ack_path.value,
+        "taskId": task_id,
     }
 
 
@@ -186,8 +190,13 @@ def session_expired() -> Payload:
     }
 
 
-def join_ack(room_id: str, in_flight: list[str], members: list[str]) -> Payload:
-    return {"ok": True, "roomId": room_id, "inFlight": in_flight, "members": members}
+def join_ack(
+    room_id: str, in_flight: list[str], members: list[str], pending_tasks: list[str] | None = None
+) -> Payload:
+    return {
+        "ok": True, "roomId": room_id, "inFlight": in_flight, "members": members,
+        "pendingTasks": pending_tasks or [],
+    }  # fmt: skip
 
 
 def members_ack(room_id: str, members: list[str]) -> Payload:

@@ -16,7 +16,12 @@ from contracts.backend import (
     StreamEnd,
     StreamError,
     StreamStart,
+    TaskAccepted,
+    TaskOutcome,
+    TaskState,
+    TaskStatus,
     Usage,
+    UsageResponse,
 )
 from contracts.base import (
     DEFAULT_MAX_CONTENT_CHARS,
@@ -44,6 +49,7 @@ from contracts.events import (
     LeaveRoom,
     MembersAck,
     MessageAck,
+    Mode,
     NewMessage,
     OkAck,
     Path,
@@ -56,6 +62,7 @@ from contracts.events import (
     SendRejected,
     ServerEvent,
     SessionExpired,
+    TaskDone,
 )
 
 __all__ = [
@@ -103,6 +110,13 @@ __all__ = [
     "SendRejected",
     "ServerEvent",
     "SessionExpired",
+    "TaskAccepted",
+    "TaskDone",
+    "TaskOutcome",
+    "TaskState",
+    "TaskStatus",
+    "UsageResponse",
+    "Mode",
     "SseEvent",
     "StreamChunk",
     "StreamEnd",

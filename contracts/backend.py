@@ -156,3 +156,68 @@ class HistoryResponse(WireModel):
 
     room_id: Id
     messages: list[ChatMessage]
+
+
+# ---- batch (CONTRACT.md section 2 "Batch") ----------------------------------------------------
+
+
+class TaskState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class TaskAccepted(WireModel):
+    """Reply (202) of ``POST /chat/tasks`` (body: ``ChatRequest``; ``taskId`` = requestId)."""
+
+    task_id: Id
+    status: TaskState
+    # the stored user message (stored once, at acceptance): the bridge sends it to the room at once
+    user_message: ChatMessage | None = None
+
+
+class TaskStatus(WireModel):
+    """Reply of ``GET /chat/tasks/{taskId}?userId=U`` (and the bridge's ``GET /tasks/{id}``)."""
+
+    task_id: Id
+    status: TaskState
+    room_id: Id
+    message_id: Id | None = None
+    content: Text | None = None
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    code: ErrorCode | None = None
+
+
+class TaskOutcome(WireModel):
+    """What the backend publishes (Redis channel ``bs:tasks:done``) when a task ends, for the
+    bridge replica holding the sender's sockets: ``task_done`` plus the assistant message."""
+
+    task_id: Id
+    user_id: Id
+    room_id: Id
+    status: Literal[TaskState.DONE, TaskState.FAILED]
+    message_id: Id | None = None
+    code: ErrorCode | None = None
+    message: ChatMessage | None = None  # the stored assistant message (done)
+
+
+# ---- usage and budgets (CONTRACT.md section 2 "Usage") -----------------------------------------
+
+
+class Budget(WireModel):
+    tokens: NonNegativeInt | None = None
+    cost_usd: float | None = None
+
+
+class UsageResponse(WireModel):
+    """Reply of ``GET /chat/usage/{userId}?day=YYYY-MM-DD`` (and the bridge's ``GET /me/usage``)."""
+
+    user_id: Id
+    day: str
+    prompt_tokens: NonNegativeInt
+    completion_tokens: NonNegativeInt
+    cost_usd: float
+    budget: Budget
+    remaining: Budget

@@ -32,6 +32,7 @@ class ServerEvent(StrEnum):
     MESSAGE_ACK = "message_ack"
     SESSION_EXPIRED = "session_expired"
     ROOM_EVENT = "room_event"
+    TASK_DONE = "task_done"
 
 
 class Path(StrEnum):
@@ -40,6 +41,7 @@ class Path(StrEnum):
     STREAM = "stream"
     FALLBACK = "fallback"
     COMPLETE = "complete"
+    BATCH = "batch"
 
 
 # ---- client -> bridge ---------------------------------------------------------------------
@@ -54,11 +56,19 @@ class LeaveRoom(WireModel):
     room_id: Id
 
 
+class Mode(StrEnum):
+    """``send_message``'s ``mode``: streamed to the room, or a background job (CONTRACT.md)."""
+
+    STREAM = "stream"
+    BATCH = "batch"
+
+
 class SendMessage(WireModel):
     room_id: Id
     content: Text
     character_id: Id | None = None
     request_id: Id | None = None
+    mode: Mode = Mode.STREAM  # an unknown mode is INVALID_PAYLOAD
 
 
 class CancelMessage(WireModel):
@@ -111,6 +121,7 @@ class JoinRoomAck(WireModel):
     room_id: Id
     in_flight: list[Id] = Field(default_factory=list)
     members: list[Id] = Field(default_factory=list)  # users online in the room, every replica
+    pending_tasks: list[Id] = Field(default_factory=list)  # the caller's unfinished batch tasks
 
 
 class PostAck(WireModel):
@@ -134,7 +145,8 @@ class SendAccepted(WireModel):
     request_id: Id
     room_id: Id
     message_id: Id | None
-    path: Literal[Path.STREAM, Path.COMPLETE]
+    path: Literal[Path.STREAM, Path.COMPLETE, Path.BATCH]
+    task_id: Id | None = None  # batch: the task's id (= requestId)
 
 
 class SendRejected(WireModel):
@@ -226,6 +238,16 @@ class RoomEvent(WireModel):
     type: RoomEventType
     user_id: Id
     at: str  # ISO 8601, UTC
+
+
+class TaskDone(WireModel):
+    """``task_done``: a batch answer ended (to the sender's sockets, in place of message_ack)."""
+
+    task_id: Id
+    room_id: Id
+    message_id: Id | None
+    ok: bool
+    code: ErrorCode | None = None
 
 
 class MessageAck(WireModel):

@@ -35,6 +35,7 @@ SOCKETIO_MESSAGES: list[tuple[str, str, type[WireModel]]] = [
     ("message_ack", "bridge->client", events.MessageAck),
     ("session_expired", "bridge->client", events.SessionExpired),
     ("room_event", "bridge->client", events.RoomEvent),
+    ("task_done", "bridge->client", events.TaskDone),
 ]
 
 ACK_MODELS: list[type[WireModel]] = [
@@ -61,6 +62,10 @@ HTTP_MODELS: list[type[WireModel]] = [
     backend.CancelResponse,
     backend.ErrorBody,
     backend.HistoryResponse,
+    backend.TaskAccepted,
+    backend.TaskStatus,
+    backend.TaskOutcome,
+    backend.UsageResponse,
     # the bridge's operator API (CONTRACT.md section 4)
     admin.FlagsPatch,
     admin.FlagsView,

@@ -44,6 +44,7 @@ def test_accepted_ack_keeps_null_message_id() -> None:
         "roomId": "a",
         "messageId": None,
         "path": "complete",
+        "taskId": None,  # batch only (the bridge leaves it out on the other paths)
     }
 
 
