@@ -32,6 +32,7 @@ from backend_stream.settings import Settings
 from backend_stream.store import GenerationStore
 from backend_stream.tracing import TraceMiddleware, Tracing
 from backend_stream.turns import RoomTurns
+from backend_stream.usage import UsageLedger
 from contracts import HTTP_STATUS, RETRYABLE, ContractError, ErrorBody, ErrorCode
 
 log = structlog.get_logger("backend_stream.app")
@@ -53,6 +54,7 @@ class Services:
     writer: ChunkWriter
     runner: GenerationRunner
     tracing: Tracing
+    ledger: UsageLedger | None = None  # usage per user and day, budgets (backend_stream/usage.py)
 
 
 def error_response(
@@ -106,23 +108,28 @@ def build_services(settings: Settings, metrics: Metrics, tracing: Tracing) -> Se
     provider = make_provider(settings)
     writer = ChunkWriter(redis, on_batch=metrics.chunk_batches.inc)
     turns = RoomTurns()
+    ledger = UsageLedger(redis, settings.budget, metrics)
     runner = GenerationRunner(
         store=store, writer=writer, provider=provider, settings=settings, metrics=metrics,
-        tracing=tracing, turns=turns,
+        tracing=tracing, turns=turns, ledger=ledger,
     )  # fmt: skip
     registry = GenerationRegistry(
         store=store, runner=runner, metrics=metrics, history_messages=settings.history_messages,
-        turns=turns, room_busy_retry_s=settings.room_busy_retry_s,
+        turns=turns, room_busy_retry_s=settings.room_busy_retry_s, ledger=ledger,
+        max_output_tokens=settings.max_output_tokens,
     )  # fmt: skip
     feed = EventFeed(store, settings)
     return Services(
-        settings, redis, store, registry, feed, metrics, provider, writer, runner, tracing
-    )
+        settings, redis, store, registry, feed, metrics, provider, writer, runner, tracing,
+        ledger=ledger,
+    )  # fmt: skip
 
 
 def create_app(settings: Settings) -> FastAPI:
     """The ASGI app; Redis and the provider are opened in its lifespan, closed at shutdown."""
     from backend_stream.routes import router  # routes import Services from here
+    from backend_stream.task_routes import router as task_router
+    from backend_stream.tasks import TaskQueue
 
     metrics = Metrics()
     tracing = Tracing.create(enabled=settings.tracing, service_name=settings.service_name)
@@ -134,6 +141,13 @@ def create_app(settings: Settings) -> FastAPI:
         services.writer.start()
         services.runner.start()
         services.registry.start()
+        # batch tasks: this replica's workers and webhook deliverer (backend_stream/tasks.py)
+        tasks = TaskQueue(
+            redis=services.redis, store=services.store, registry=services.registry,
+            feed=services.feed, settings=settings, metrics=metrics, ledger=services.ledger,
+        )  # fmt: skip
+        app.state.tasks = tasks
+        tasks.start()
         if settings.token_is_default:
             log.warning("backend_token_default", hint="set BACKEND_TOKEN outside development")
         log.info(
@@ -147,6 +161,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             yield
         finally:
+            await tasks.aclose()  # first: a job in progress is handed to the other replicas
             await services.registry.aclose()
             await services.runner.aclose()
             await services.writer.aclose()
@@ -156,6 +171,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="backend_stream", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.include_router(router)
+    app.include_router(task_router)
     _install_error_handlers(app)
     if tracing.tracer is not None:
         app.add_middleware(TraceMiddleware, tracer=tracing.tracer)

@@ -91,6 +91,7 @@ class Generation:
     task: asyncio.Task[None] | None = None
     notified_at: float = 0.0  # time.monotonic() of the last publish or poke
     token: str | None = None  # the room's lock while this attempt holds it (fencing token)
+    max_output_tokens: int | None = None  # None: MAX_OUTPUT_TOKENS (a batch task's is larger)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property

@@ -23,6 +23,13 @@ class Metrics:
         self.tokens = Counter(
             "backend_tokens", "Tokens the model reported, by kind", ["kind"], registry=r
         )
+        self.cost_usd = Counter(
+            "backend_cost_usd", "Cost of the model's usage (MODEL_PRICES), USD", registry=r
+        )
+        self.budget_refusals = Counter(
+            "backend_budget_refusals", "Requests refused with BUDGET_EXCEEDED, by budget",
+            ["budget"], registry=r,
+        )  # fmt: skip
         self.errors = Counter("backend_errors", "Errors answered, by code", ["code"], registry=r)
         self.chunks = Counter("backend_chunks", "Chunks flushed", registry=r)
         self.chunk_batches = Counter(
@@ -48,6 +55,16 @@ class Metrics:
         self.room_lock_lost = Counter(
             "backend_room_lock_lost",
             "Generations whose room lock lapsed and was taken over before they ended (fenced)",
+            registry=r,
+        )
+        self.tasks = Counter(
+            "backend_tasks", "Batch tasks ended, by outcome (done, failed)", ["outcome"],
+            registry=r,
+        )  # fmt: skip
+        self.task_webhooks = Counter(
+            "backend_task_webhooks",
+            "Task webhook delivery attempts, by result (delivered, retry, gave_up)",
+            ["result"],
             registry=r,
         )
         self.first_token = Histogram(

@@ -9,11 +9,13 @@ instant between a claim and the registration of its generation here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from dataclasses import dataclass, field
 
 import structlog
+from redis.exceptions import RedisError
 
 from backend_stream.errors import RequestRejected
 from backend_stream.generation import Generation
@@ -29,6 +31,7 @@ from backend_stream.store import (
     GenState,
 )
 from backend_stream.turns import RoomTurns
+from backend_stream.usage import UsageLedger
 from contracts import ChatMessage, ChatRequest, ErrorCode, Role, StreamStart, utc_now_iso
 from contracts.aio import cancel_and_wait
 
@@ -70,6 +73,10 @@ def start_from_meta(meta: dict[str, str], queue_position: int = 0) -> StreamStar
     )
 
 
+# Generations a request over budget may still attach to (no model call follows)
+FREE_STATES = frozenset({GenState.RUNNING.value, GenState.DONE.value})
+
+
 class GenerationRegistry:
     """This process's running generations and the cancel listener."""
 
@@ -82,7 +89,11 @@ class GenerationRegistry:
         history_messages: int,
         turns: RoomTurns | None = None,
         room_busy_retry_s: float = 2.0,
+        ledger: UsageLedger | None = None,
+        max_output_tokens: int = 512,
     ) -> None:
+        self._ledger = ledger
+        self._max_output_tokens = max_output_tokens
         self._store = store
         self._turns = turns or RoomTurns()
         self._room_busy_retry_s = room_busy_retry_s
@@ -109,21 +120,48 @@ class GenerationRegistry:
         if left:
             log.warning("tasks_left_running_at_shutdown", count=len(left))
 
-    async def start_or_attach(self, req: ChatRequest, received_at: float) -> Attachment:
+    async def _release(self, req: ChatRequest, reserved: bool) -> None:
+        if reserved and self._ledger is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._ledger.release(req.user_id, req.request_id)
+
+    async def start_or_attach(
+        self, req: ChatRequest, received_at: float, *, max_output_tokens: int | None = None
+    ) -> Attachment:
         key = GenKey(req.user_id, req.request_id)
         local = self._local.get(key)
         if local is not None:
             return Attachment(key, local.start, local.attempt, attached=True, local=local)
         record = _new_record(req)
-        claim = await self._store.claim(
-            key,
-            record,
-            room_id=req.room_id,
-            user_message=_user_message(req, record),
-            history_messages=self._history_messages,
-            character_id=req.character_id,
-        )
+        # The budgets, before anything is stored or the model called: BUDGET_EXCEEDED (429)
+        reserved = False
+        if self._ledger is not None:
+            try:
+                reserved = await self._ledger.reserve(
+                    req.user_id, req.request_id, max_output_tokens or self._max_output_tokens
+                )
+            except RequestRejected:
+                # over budget now, but the generation runs or is done: attaching to it or
+                # replaying it calls no model. A queued task or a failed one (a retry) would.
+                existing = await self._store.get_meta(key)
+                if existing.get("state") not in FREE_STATES:
+                    raise
+
+        try:
+            claim = await self._store.claim(
+                key,
+                record,
+                room_id=req.room_id,
+                user_message=_user_message(req, record),
+                history_messages=self._history_messages,
+                character_id=req.character_id,
+            )
+        except BaseException:
+            await self._release(req, reserved)
+            raise
         claimed_at = time.monotonic()
+        if claim.outcome in (ClaimOutcome.EXISTING, ClaimOutcome.BUSY):
+            await self._release(req, reserved)  # no model call follows: nothing to reserve for
         if claim.outcome is ClaimOutcome.BUSY:
             self._metrics.room_busy.inc()
             raise RequestRejected(
@@ -144,6 +182,8 @@ class GenerationRegistry:
             received_at=received_at,
             character_id=meta.get("characterId") or None,
             token=claim.token,
+            # a batch task's record carries its output budget (BATCH_MAX_TOKENS), whoever runs it
+            max_output_tokens=int(meta.get("maxOutputTokens") or 0) or max_output_tokens,
         )
         self._local[key] = gen
         user_message = _user_message(req, meta)  # the record's ids (a retry keeps its first)
@@ -161,8 +201,8 @@ class GenerationRegistry:
         if local is not None:
             return Attachment(key, local.start, local.attempt, attached=True, local=local)
         meta = await self._store.get_meta(key)
-        if not meta or "messageId" not in meta:
-            return None
+        if not meta or "messageId" not in meta or meta.get("state") == GenState.QUEUED:
+            return None  # a queued batch task has no generation yet
         return Attachment(key, start_from_meta(meta), int(meta["attempt"]), True, meta=meta)
 
     async def cancel(self, key: GenKey) -> str | None:

@@ -8,6 +8,7 @@ than one user used that requestId.
 
 from __future__ import annotations
 
+import datetime
 import hmac
 import re
 import time
@@ -30,6 +31,7 @@ from backend_stream.logs import bind_request
 from backend_stream.registry import Attachment
 from backend_stream.sse import SseResponse
 from backend_stream.store import GenKey, GenState
+from backend_stream.usage import utc_day
 from contracts import (
     CancelResponse,
     ChatMessage,
@@ -194,6 +196,24 @@ async def room_history(
     svc = services(request)
     messages = await svc.store.history(room_id, min(limit, svc.settings.history_cap))
     reply = HistoryResponse(room_id=room_id, messages=messages)
+    return Response(reply.wire_json(), media_type="application/json")
+
+
+DayQuery = Annotated[str | None, Query(pattern=r"^\d{4}-\d{2}-\d{2}$")]
+
+
+@secured.get("/chat/usage/{user_id}")
+async def user_usage(request: Request, user_id: IdPath, day: DayQuery = None) -> Response:
+    """The user's usage on a UTC day (default today) and what its budgets leave."""
+    svc = services(request)
+    if svc.ledger is None:
+        raise RequestRejected(ErrorCode.NOT_FOUND, "usage is not counted here")
+    if day is not None:
+        try:
+            datetime.date.fromisoformat(day)
+        except ValueError:
+            raise RequestRejected(ErrorCode.INVALID_PAYLOAD, "day: YYYY-MM-DD") from None
+    reply = await svc.ledger.read(user_id, day or utc_day())
     return Response(reply.wire_json(), media_type="application/json")
 
 

@@ -41,6 +41,7 @@ from backend_stream.settings import Settings
 from backend_stream.store import Claim, ClaimOutcome, GenerationStore, dumps
 from backend_stream.tracing import Tracing
 from backend_stream.turns import RoomTurns
+from backend_stream.usage import UsageLedger
 from contracts import (
     RETRYABLE,
     BackendLatency,
@@ -114,7 +115,9 @@ class GenerationRunner:
         metrics: Metrics,
         tracing: Tracing | None = None,
         turns: RoomTurns | None = None,
+        ledger: UsageLedger | None = None,
     ) -> None:
+        self._ledger = ledger
         self._tracing = tracing or Tracing(None)
         self._turns = turns or RoomTurns()
         self._store = store
@@ -236,7 +239,7 @@ class GenerationRunner:
             history=claim.history,
             user_content=user_content,
             request_id=run.gen.key.request_id,
-            max_output_tokens=s.max_output_tokens,
+            max_output_tokens=run.gen.max_output_tokens or s.max_output_tokens,
             user_id=run.gen.key.user_id,
         )
         run.prompt_built = time.monotonic()
@@ -383,6 +386,7 @@ class GenerationRunner:
         self._metrics.count_generation(run.finish.value)
         usage = run.usage or Usage()
         self._metrics.count_tokens(usage.prompt_tokens, usage.completion_tokens)
+        await self._settle(run)
         self._trace(run, None)
         log.info(
             "generation_end",
@@ -391,6 +395,18 @@ class GenerationRunner:
             attempt=gen.attempt,
             **latency.wire(),
         )
+
+    async def _settle(self, run: _Run) -> None:
+        """The generation's real usage against its budget reservation (backend_stream/usage.py);
+        a failure here never fails the generation (the reservation expires instead)."""
+        if self._ledger is None:
+            return
+        key = run.gen.key
+        try:
+            async with asyncio.timeout(SHUTDOWN_WRITE_TIMEOUT_S):
+                await self._ledger.settle(key.user_id, key.request_id, run.usage)
+        except (RedisError, OSError, TimeoutError):
+            log.warning("usage_not_settled")
 
     def _trace(self, run: _Run, error: str | None) -> None:
         if not self._tracing.enabled:
@@ -445,6 +461,7 @@ class GenerationRunner:
         gen.finishing = True
         err = StreamError(code=code, message=message, retryable=code in RETRYABLE)
         payload = err.wire()
+        stored = False
         try:
             if run.written is not None and not run.written.done():
                 with contextlib.suppress(RedisError, OSError):
@@ -466,6 +483,8 @@ class GenerationRunner:
         self._metrics.count_generation(FinishReason.ERROR.value)
         if run.usage is not None:
             self._metrics.count_tokens(run.usage.prompt_tokens, run.usage.completion_tokens)
+        if stored:
+            await self._settle(run)  # a superseded attempt leaves it to the one that took over
         self._trace(run, code.value)
         self._metrics.errors.labels(code.value).inc()
         log.warning("generation_failed", code=code.value, chunks=len(gen.chunks), reason=message)

@@ -73,7 +73,8 @@ end
 # A full queue refuses (``busy``) before anything is written.
 # A record is run again (same ids, attempt + 1, user message kept) when its last attempt failed
 # with a retryable code, or when it is "running" but its owner's lease has lapsed (that replica
-# died): a retry must not attach to a generation nobody runs.
+# died): a retry must not attach to a generation nobody runs. A "queued" record (a batch task's,
+# made at acceptance with its user message stored: tasks.py) runs as ``new`` the same way.
 # KEYS: meta, request index, room history, character, lease, room lock, queue, waiting, fence.
 # ARGV: ttl, userId, history N, history cap, user message JSON, lease ms, history ttl,
 # queue max, lock ttl ms, ticket prefix "{userId}/{requestId}", then the new record's
@@ -84,7 +85,7 @@ CLAIM = (
 local state = redis.call('HGET', KEYS[1], 'state')
 local outcome
 if state and not ((state == 'failed' and redis.call('HGET', KEYS[1], 'retryable') == '1')
-    or (state == 'running' and redis.call('EXISTS', KEYS[5]) == 0)) then
+    or (state == 'running' and redis.call('EXISTS', KEYS[5]) == 0) or state == 'queued') then
   return {'existing', redis.call('HGETALL', KEYS[1]), {}, '', 0, ''}
 end
 local now = now_ms()
@@ -105,7 +106,7 @@ else
   redis.call('HSET', KEYS[1], 'state', 'running')
   redis.call('HDEL', KEYS[1], 'error', 'retryable', 'retryAfter', 'cancel')
   redis.call('EXPIRE', KEYS[1], ARGV[1])
-  outcome = 'retry'
+  outcome = state == 'queued' and 'new' or 'retry'
 end
 redis.call('SET', KEYS[5], '1', 'PX', ARGV[6])
 local ticket = ARGV[10] .. '/' .. redis.call('HGET', KEYS[1], 'attempt')
@@ -172,7 +173,7 @@ end
 # lock released (or the ticket taken out of the queue), and for a finished generation the
 # assistant message stored, only by the lock's holder: a holder whose lock lapsed and was taken
 # over is refused (returns 0) and writes nothing (fencing). A superseded attempt still gives up
-# its place in the room.
+# its place in the room. A batch task's record (field ``task``) also keeps the assistant message.
 # KEYS: meta, buffer, room history, lease, room lock, queue, waiting.
 # ARGV: attempt, entry id, 'end' | 'error', data JSON, buffer ttl, record ttl, retryable,
 # retry-after, assistant message JSON ('' for none), history cap, history ttl, lock token ('':
@@ -195,6 +196,9 @@ end
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 if ARGV[3] == 'end' then
   redis.call('HSET', KEYS[1], 'state', 'done', 'end', ARGV[4])
+  if ARGV[9] ~= '' and redis.call('HEXISTS', KEYS[1], 'task') == 1 then
+    redis.call('HSET', KEYS[1], 'assistant', ARGV[9])  -- a batch task publishes it as stored
+  end
 else
   redis.call('HSET', KEYS[1], 'state', 'failed', 'error', ARGV[4], 'retryable', ARGV[7],
              'retryAfter', ARGV[8])

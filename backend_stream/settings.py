@@ -6,9 +6,12 @@ the table. Durations carry their unit in the name (``_ms`` / ``_s``).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from typing import TypeVar
+from urllib.parse import urlsplit
 
 from contracts import DEFAULT_MAX_CONTENT_CHARS
 from contracts.tracing import service_name, traces_enabled
@@ -49,6 +52,78 @@ BODY_OVERHEAD_BYTES = 4096
 MIN_MAX_BODY_BYTES = 65_536
 
 
+DEFAULT_BUDGET_PROMPT_RESERVE_TOKENS = 2000
+ANY_MODEL = "*"
+# USD per million tokens. The scripted model is priced like the default OpenAI model so that the
+# cost path runs (and is tested) without a hosted model.
+DEFAULT_MODEL_PRICES = (
+    '{"gpt-4o-mini": {"input": 0.15, "output": 0.6}, "scripted": {"input": 0.15, "output": 0.6}}'
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """USD per million tokens."""
+
+    input: float
+    output: float
+
+
+@dataclass(frozen=True)
+class BudgetSettings:
+    """Per-user and service daily budgets (backend_stream/usage.py); ``None``: no limit."""
+
+    prices: Mapping[str, Price]
+    model: str = DEFAULT_PROVIDER  # the model in use, the key into ``prices``
+    user_daily_tokens: int | None = None
+    user_daily_usd: float | None = None
+    service_daily_usd: float | None = None
+    # reserved for the prompt of each request, beside its output budget (settled to the real
+    # usage when it ends): a burst overspends by at most one request's reservation as long as
+    # prompts stay under it
+    prompt_reserve_tokens: int = DEFAULT_BUDGET_PROMPT_RESERVE_TOKENS
+
+    @property
+    def price(self) -> Price:
+        """The model's price; ``"*"`` in the table prices every model it does not name."""
+        return self.prices.get(self.model) or self.prices.get(ANY_MODEL) or Price(0.0, 0.0)
+
+    @property
+    def limited(self) -> bool:
+        return any(
+            v is not None
+            for v in (self.user_daily_tokens, self.user_daily_usd, self.service_daily_usd)
+        )
+
+
+def parse_prices(raw: str) -> dict[str, Price]:
+    """``MODEL_PRICES``: ``{"model": {"input": usd_per_million, "output": usd_per_million}}``
+    (``"*"``: every other model)."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise SettingsError("MODEL_PRICES must be a JSON object") from None
+    if not isinstance(data, dict) or not data:
+        raise SettingsError('MODEL_PRICES must be a non-empty object: {"model": {...}}')
+    prices: dict[str, Price] = {}
+    for model, entry in data.items():
+        if not isinstance(entry, dict) or set(entry) != {"input", "output"}:
+            raise SettingsError(f'MODEL_PRICES[{model!r}] must be {{"input": n, "output": n}}')
+        values = []
+        for kind in ("input", "output"):
+            value = entry[kind]
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise SettingsError(f"MODEL_PRICES[{model!r}].{kind} must be a number")
+            if not 0 <= value < 1e6 or value != value:
+                raise SettingsError(f"MODEL_PRICES[{model!r}].{kind} must be in 0..1e6")
+            values.append(float(value))
+        prices[str(model)] = Price(*values)
+    return prices
+
+
+_N = TypeVar("_N", int, float)
+
+
 class ProviderName(StrEnum):
     SCRIPTED = "scripted"
     OPENAI = "openai"
@@ -75,6 +150,35 @@ class OpenAISettings:
     max_retries: int = DEFAULT_OPENAI_MAX_RETRIES
 
 
+DEFAULT_TASK_WORKERS = 4
+DEFAULT_TASK_CLAIM_IDLE_S = 30.0
+DEFAULT_TASK_MAX_ATTEMPTS = 3
+DEFAULT_TASK_TIMEOUT_S = 600.0
+DEFAULT_TASK_TTL_S = 7 * 86_400
+DEFAULT_TASK_QUEUE_MAX = 10_000
+DEFAULT_BATCH_MAX_TOKENS = 4096
+DEFAULT_TASK_WEBHOOK_MAX_ATTEMPTS = 5
+DEFAULT_TASK_WEBHOOK_TIMEOUT_S = 10.0
+MIN_WEBHOOK_SECRET_CHARS = 16
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskSettings:
+    """Batch tasks (backend_stream/tasks.py, README "Batch tasks")."""
+
+    workers: int = DEFAULT_TASK_WORKERS  # concurrent jobs per replica (0: this one runs none)
+    claim_idle_s: float = DEFAULT_TASK_CLAIM_IDLE_S  # a job idle this long is taken over
+    max_attempts: int = DEFAULT_TASK_MAX_ATTEMPTS
+    timeout_s: float = DEFAULT_TASK_TIMEOUT_S  # whole job, from its first start
+    ttl_s: int = DEFAULT_TASK_TTL_S  # life of a task record (its outcome stays readable)
+    queue_max: int = DEFAULT_TASK_QUEUE_MAX  # entries the queue may hold; more: 503
+    batch_max_tokens: int = DEFAULT_BATCH_MAX_TOKENS  # max_tokens of a batch generation
+    webhook_url: str | None = None
+    webhook_secret: str = ""
+    webhook_max_attempts: int = DEFAULT_TASK_WEBHOOK_MAX_ATTEMPTS
+    webhook_timeout_s: float = DEFAULT_TASK_WEBHOOK_TIMEOUT_S
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     """Everything the service reads from its environment."""
@@ -86,6 +190,10 @@ class Settings:
     scripted: ScriptedSettings = ScriptedSettings()
     openai: OpenAISettings = OpenAISettings()
     max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS
+    budget: BudgetSettings = field(
+        default_factory=lambda: BudgetSettings(prices=parse_prices(DEFAULT_MODEL_PRICES))
+    )
+    tasks: TaskSettings = TaskSettings()
     history_messages: int = DEFAULT_HISTORY_MESSAGES
     history_cap: int = DEFAULT_HISTORY_CAP
     history_ttl_s: int = DEFAULT_HISTORY_TTL_S
@@ -145,6 +253,8 @@ class Settings:
                 max_retries=env.integer("OPENAI_MAX_RETRIES", DEFAULT_OPENAI_MAX_RETRIES),
             ),
             max_output_tokens=env.integer("MAX_OUTPUT_TOKENS", DEFAULT_MAX_OUTPUT_TOKENS, low=1),
+            budget=_budget(env, environ),
+            tasks=_tasks(env, environ),
             history_messages=env.integer("HISTORY_MESSAGES", DEFAULT_HISTORY_MESSAGES),
             history_cap=env.integer("HISTORY_CAP", DEFAULT_HISTORY_CAP, low=1),
             history_ttl_s=env.integer("HISTORY_TTL_S", DEFAULT_HISTORY_TTL_S, low=60),
@@ -175,6 +285,83 @@ class Settings:
         )
 
 
+def _budget(env: _Env, environ: Mapping[str, str]) -> BudgetSettings:
+    budget = BudgetSettings(
+        prices=parse_prices(environ.get("MODEL_PRICES") or DEFAULT_MODEL_PRICES),
+        user_daily_tokens=env.optional_integer("BUDGET_USER_DAILY_TOKENS"),
+        user_daily_usd=env.optional_number("BUDGET_USER_DAILY_USD"),
+        service_daily_usd=env.optional_number("BUDGET_SERVICE_DAILY_USD"),
+        prompt_reserve_tokens=env.integer(
+            "BUDGET_PROMPT_RESERVE_TOKENS", DEFAULT_BUDGET_PROMPT_RESERVE_TOKENS
+        ),
+    )
+    model = model_name(environ)
+    budget = replace(budget, model=model)
+    priced = budget.user_daily_usd is not None or budget.service_daily_usd is not None
+    if priced and model not in budget.prices and ANY_MODEL not in budget.prices:
+        raise SettingsError(f"MODEL_PRICES has no price for the model in use ({model!r})")
+    return budget
+
+
+def model_name(environ: Mapping[str, str]) -> str:
+    """The name ``MODEL_PRICES`` is looked up by: the OpenAI model, or ``scripted``."""
+    provider = (environ.get("PROVIDER") or DEFAULT_PROVIDER).strip().lower()
+    if provider == ProviderName.OPENAI.value:
+        return environ.get("OPENAI_MODEL") or DEFAULT_OPENAI_MODEL
+    return provider
+
+
+def _tasks(env: _Env, environ: Mapping[str, str]) -> TaskSettings:
+    url = (environ.get("TASK_WEBHOOK_URL") or "").strip() or None
+    secret = (environ.get("TASK_WEBHOOK_SECRET") or "").strip()
+    if url is not None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise SettingsError("TASK_WEBHOOK_URL must be an http:// or https:// URL")
+        if len(secret) < MIN_WEBHOOK_SECRET_CHARS:
+            raise SettingsError(
+                f"TASK_WEBHOOK_URL needs TASK_WEBHOOK_SECRET (at least "
+                f"{MIN_WEBHOOK_SECRET_CHARS} characters) to sign the deliveries"
+            )
+    return TaskSettings(
+        workers=_at_most("TASK_WORKERS", env.integer("TASK_WORKERS", DEFAULT_TASK_WORKERS), 256),
+        claim_idle_s=_at_most(
+            "TASK_CLAIM_IDLE_S",
+            env.number("TASK_CLAIM_IDLE_S", DEFAULT_TASK_CLAIM_IDLE_S, low=0.5),
+            3600,
+        ),
+        max_attempts=_at_most(
+            "TASK_MAX_ATTEMPTS",
+            env.integer("TASK_MAX_ATTEMPTS", DEFAULT_TASK_MAX_ATTEMPTS, low=1),
+            20,
+        ),
+        timeout_s=_at_most(
+            "TASK_TIMEOUT_S", env.number("TASK_TIMEOUT_S", DEFAULT_TASK_TIMEOUT_S, low=1), 86_400
+        ),
+        ttl_s=env.integer("TASK_TTL_S", DEFAULT_TASK_TTL_S, low=60),
+        queue_max=env.integer("TASK_QUEUE_MAX", DEFAULT_TASK_QUEUE_MAX, low=1),
+        batch_max_tokens=env.integer("BATCH_MAX_TOKENS", DEFAULT_BATCH_MAX_TOKENS, low=1),
+        webhook_url=url,
+        webhook_secret=secret if url else "",  # only a webhook's deliveries are signed
+        webhook_max_attempts=_at_most(
+            "TASK_WEBHOOK_MAX_ATTEMPTS",
+            env.integer("TASK_WEBHOOK_MAX_ATTEMPTS", DEFAULT_TASK_WEBHOOK_MAX_ATTEMPTS, low=1),
+            20,
+        ),
+        webhook_timeout_s=_at_most(
+            "TASK_WEBHOOK_TIMEOUT_S",
+            env.number("TASK_WEBHOOK_TIMEOUT_S", DEFAULT_TASK_WEBHOOK_TIMEOUT_S, low=0.1),
+            300,
+        ),
+    )
+
+
+def _at_most(name: str, value: _N, high: float) -> _N:
+    if value > high:
+        raise SettingsError(f"{name} must be <= {high:g}")
+    return value
+
+
 class _Env:
     def __init__(self, environ: Mapping[str, str]) -> None:
         self._environ = environ
@@ -182,6 +369,12 @@ class _Env:
     def _raw(self, name: str) -> str | None:
         value = self._environ.get(name, "").strip()
         return value or None
+
+    def optional_integer(self, name: str) -> int | None:
+        return None if self._raw(name) is None else self.integer(name, 0)
+
+    def optional_number(self, name: str) -> float | None:
+        return None if self._raw(name) is None else self.number(name, 0.0)
 
     def integer(self, name: str, default: int, *, low: int = 0) -> int:
         raw = self._raw(name)

@@ -2,7 +2,8 @@
 
 Keys (ids use a safe alphabet without ``/``, so ``/`` joins them unambiguously):
 - ``bs:gen:{userId}/{requestId}``  hash: the idempotency record and the generation's state
-  (``running`` -> ``done`` | ``failed``), its ids, and at the end its content/usage/latency/error.
+  (``running`` -> ``done`` | ``failed``; a batch task's starts ``queued``: tasks.py), its ids,
+  and at the end its content/usage/latency/error.
 - ``bs:buf:{userId}/{requestId}/{attempt}``  stream: chunk ``seq`` n has entry id ``n+1-0``, the
   terminal entry (end/error) follows the last chunk. Explicit ids make "after seq N" an XREAD from
   ``N+1-0``, and a second writer impossible (Redis refuses a smaller id).
@@ -43,6 +44,7 @@ DEFAULT_HISTORY_TTL_S = 30 * 86_400
 
 
 class GenState(StrEnum):
+    QUEUED = "queued"  # a batch task's record, made at acceptance (tasks.py); CLAIM runs it
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"

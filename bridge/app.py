@@ -34,6 +34,7 @@ from bridge.rollout import Controller, RolloutStore
 from bridge.rooms import RoomRegistry
 from bridge.settings import Settings
 from bridge.sio import SocketServer
+from bridge.tasks import BatchTasks
 from bridge.tracing import Tracing
 from bridge.upstream import HttpUpstream
 from contracts.aio import cancel_and_wait
@@ -120,10 +121,11 @@ class Bridge:
         self.breaker = Breaker.from_settings(
             self.server.host_id, settings.breaker, on_change=self._breaker_changed.set
         )
+        self.tasks = BatchTasks(self.redis, self.upstream, self.metrics)
         self._handlers = ChatHandlers(
             settings=settings, auth=auth, rooms=self.rooms, flags=self.flags,
             upstream=self.upstream, metrics=self.metrics, tracing=self.tracing,
-            breaker=self.breaker,
+            breaker=self.breaker, tasks=self.tasks,
         )  # fmt: skip
         self._handlers.bind(self.server)
         self.metrics.bind(
@@ -166,6 +168,7 @@ class Bridge:
             asyncio.create_task(self._heartbeat_forever()),
             asyncio.create_task(self._publish_breaker_forever()),
             asyncio.create_task(self.controller.run_forever()),
+            asyncio.create_task(self.tasks.listen_forever()),  # batch outcomes (bridge/tasks.py)
         ]
         if self.settings.insecure_dev_auth:
             log.warning("insecure_dev_auth_enabled", detail="auth.userId is trusted without token")

@@ -32,6 +32,7 @@ from bridge.rooms import InFlight, RoomRegistry
 from bridge.settings import Settings
 from bridge.sinks import RoomSink, follow, run_complete
 from bridge.sio import AckFn, Refused, SocketServer
+from bridge.tasks import BatchTasks
 from bridge.tracing import Tracing, random_traceparent
 from bridge.upstream import Upstream
 from contracts import (
@@ -44,12 +45,14 @@ from contracts import (
     ErrorCode,
     JoinRoom,
     LeaveRoom,
+    Mode,
     Path,
     PostMessage,
     PostRequest,
     RoomEventType,
     SendMessage,
     ServerEvent,
+    TaskState,
     WireModel,
     check_content,
     parse,
@@ -87,8 +90,10 @@ class ChatHandlers:
         metrics: Metrics,
         tracing: Tracing | None = None,
         breaker: Breaker | None = None,
+        tasks: BatchTasks,
     ) -> None:
         self._settings = settings
+        self._tasks = tasks
         self._tracing = tracing or Tracing(None)
         self._breaker = breaker or Breaker("local", enabled=False)
         self._auth = auth
@@ -123,6 +128,7 @@ class ChatHandlers:
         server.on(ClientEvent.ADD_MEMBER.value, self.add_member)
         server.on(ClientEvent.REMOVE_MEMBER.value, self.remove_member)
         server.on_control(MEMBER_REMOVED_CONTROL, self._member_removed)
+        self._tasks.bind(server)
 
     def active_relays(self) -> int:
         return len(self._relays)
@@ -135,6 +141,7 @@ class ChatHandlers:
         except AuthError as exc:
             self._metrics.rejections.labels(code=ErrorCode.UNAUTHORIZED.value).inc()
             raise Refused(ErrorCode.UNAUTHORIZED.value, str(exc)) from None
+        self._tasks.online(sid, ident.user_id)  # task_done reaches every socket of the sender
         if ident.expires_at is not None:
             # CONTRACT.md "Connecting": exp holds for the whole connection. One timer per
             # socket, set once: nothing per event.
@@ -155,6 +162,7 @@ class ChatHandlers:
 
     async def disconnect(self, sid: str) -> None:
         ident = self._identities.pop(sid, None)
+        self._tasks.offline(sid)
         if ident is not None:
             for room_id in self.server.rooms_of(sid):
                 self.server.spawn(self._depart(room_id, ident.user_id))
@@ -191,13 +199,17 @@ class ChatHandlers:
             if online is None:
                 online = (await self._rooms.presence(msg.room_id, ident.user_id, "list")).online
             in_flight = await self._rooms.in_flight(msg.room_id)
+            # last: it takes the user's undelivered batch outcomes (given after the ack)
+            unfinished, taken = await self._tasks.at_join(ident.user_id)
         except PayloadError as exc:
             return self._refuse(ack, exc.code, exc.message)
         except StoreError:
             return self._refuse(ack, ErrorCode.BACKEND_UNAVAILABLE, STORE_BUSY)
-        ack(payloads.join_ack(msg.room_id, [item.request_id for item in in_flight], online))
+        in_flight_ids = [item.request_id for item in in_flight]
+        ack(payloads.join_ack(msg.room_id, in_flight_ids, online, pending_tasks=unfinished))
         for item in in_flight:
             self._replay(sid, msg.room_id, item)
+        self._tasks.after_join(sid, ident.user_id, unfinished, taken)
 
     async def leave_room(self, sid: str, data: object, ack: AckFn) -> None:
         try:
@@ -346,6 +358,8 @@ class ChatHandlers:
             request_id=request_id, room_id=msg.room_id, user_id=ident.user_id,
             content=msg.content, character_id=msg.character_id,
         )  # fmt: skip
+        if msg.mode is Mode.BATCH:
+            return await self._batch(sid, request, received_at, ack)
         flags = self._flags.current
         decision = decide(flags, ident.user_id, ident.roles)
         reason = decision.reason
@@ -370,6 +384,47 @@ class ChatHandlers:
             self.server.spawn(self._stream(sid, job, ack, ticket))
         else:
             self.server.spawn(self._complete(sid, job, ack))
+
+    async def _batch(self, sid: str, request: ChatRequest, received_at: float, ack: AckFn) -> None:
+        """``mode: "batch"``: a job on the backend's queue, accepted as soon as it is queued;
+        the room gets the user's message now and the assistant's when the job ends, the
+        sender ``task_done`` (bridge/tasks.py). Not the stream path: no flags, no breaker."""
+        rid, room_id = request.request_id, request.room_id
+        structlog.contextvars.bind_contextvars(
+            requestId=rid, roomId=room_id, userId=request.user_id,
+            characterId=request.character_id, path=Path.BATCH.value,
+        )  # fmt: skip
+        trace = self._tracing.request(
+            "send_message", received_at,
+            {"chat.request_id": rid, "chat.room_id": room_id, "chat.path": Path.BATCH.value},
+        )  # fmt: skip
+        call = trace.call("task")
+        try:
+            accepted = await self._tasks.submit(request, call.traceparent)
+        except (UpstreamError, StoreError) as exc:
+            call.end(exc)
+            if isinstance(exc, UpstreamError):
+                code, message, after_ms = exc.code, exc.message, exc.retry_after_ms
+            else:
+                code, message, after_ms = ErrorCode.BACKEND_UNAVAILABLE, STORE_BUSY, None
+            trace.end(ok=False, attributes={"chat.code": code.value}, events={})
+            return self._reject(ack, rid, code, message, after_ms)
+        call.end()
+        accepted_at = time.monotonic()
+        self._metrics.ack.labels(path=Path.BATCH.value).observe(accepted_at - received_at)
+        ack(payloads.accepted(rid, room_id, None, Path.BATCH, task_id=rid))
+        if accepted.user_message is not None:
+            event = {"roomId": room_id, "message": accepted.user_message.wire()}
+            self.server.emit_local(room_id, ServerEvent.NEW_MESSAGE, event)
+            self.server.spawn(self._publish_quietly(room_id, ServerEvent.NEW_MESSAGE, event))
+        if accepted.status in (TaskState.DONE, TaskState.FAILED):
+            # the same requestId again, for a task that has ended: its outcome comes again
+            self.server.spawn(self._tasks.resent(sid, request.user_id, rid))
+        trace.end(
+            ok=True, attributes={"chat.result_path": Path.BATCH.value},
+            events={"accepted": accepted_at},
+        )  # fmt: skip
+        log.info("task_accepted", status=accepted.status.value)
 
     async def _admit(self, sid: str, ident: Identity, room_id: str, content: str) -> int | None:
         """What every message to a room passes first (``send_message``, ``post_message``): its

@@ -183,6 +183,16 @@ def message_ack(
     }
 
 
+def task_done(
+    task_id: str, room_id: str, message_id: str | None, *, ok: bool, code: ErrorCode | None
+) -> Payload:
+    """``task_done``: a batch answer ended (to the sender's sockets, in place of message_ack)."""
+    payload: Payload = {"taskId": task_id, "roomId": room_id, "messageId": message_id, "ok": ok}
+    if code is not None:
+        payload["code"] = code.value
+    return payload
+
+
 def session_expired() -> Payload:
     return {
         "code": ErrorCode.UNAUTHORIZED.value,

@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, unquote
 import orjson
 import structlog
 
-from bridge.auth import Authenticator, AuthError
+from bridge.auth import Authenticator, AuthError, Identity
 from bridge.errors import StoreError, UpstreamError
 from bridge.rooms import RoomRegistry
 from bridge.tracing import random_traceparent
@@ -31,10 +31,12 @@ log = structlog.get_logger("bridge.rest")
 Scope = dict[str, Any]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
+USAGE_PATH = "/me/usage"
 HISTORY_PATH = re.compile(r"^/rooms/([^/]+)/messages$")
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
 _ID = re.compile(ID_PATTERN)
+TASK_PATH = re.compile(r"^/tasks/([^/]+)$")
 
 
 class ClientApi:
@@ -46,7 +48,21 @@ class ClientApi:
         self._upstream = upstream
 
     async def handle(self, scope: Scope, send: Send) -> bool:
-        match = HISTORY_PATH.match(scope.get("path", ""))
+        path = scope.get("path", "")
+        if path == USAGE_PATH:
+            if scope.get("method") != "GET":
+                await _error(send, 405, ErrorCode.INVALID_PAYLOAD, "only GET")
+            else:
+                await self._usage(scope, send)
+            return True
+        task = TASK_PATH.match(path)
+        if task is not None:
+            if scope.get("method") != "GET":
+                await _error(send, 405, ErrorCode.INVALID_PAYLOAD, "only GET")
+            else:
+                await self._task(scope, send, unquote(task.group(1)))
+            return True
+        match = HISTORY_PATH.match(path)
         if match is None:
             return False
         if scope.get("method") != "GET":
@@ -54,6 +70,23 @@ class ClientApi:
             return True
         await self._history(scope, send, unquote(match.group(1)))
         return True
+
+    async def _usage(self, scope: Scope, send: Send) -> None:
+        """``GET /me/usage``: the caller's usage and budget today (CONTRACT.md section 4)."""
+        try:
+            ident = self._identify(scope)
+        except AuthError as exc:
+            return await _error(send, 401, ErrorCode.UNAUTHORIZED, str(exc))
+        try:
+            usage = await self._upstream.usage(ident.user_id, random_traceparent())
+        except UpstreamError as exc:
+            log.warning("usage_failed", code=exc.code.value)
+            return await _error(send, HTTP_STATUS.get(exc.code, 502), exc.code, "usage unavailable")
+        await reply_json(send, 200, usage.wire_json().encode())
+
+    def _identify(self, scope: Scope) -> Identity:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        return self._auth.identify(None, {"HTTP_AUTHORIZATION": headers.get("authorization")})
 
     async def _history(self, scope: Scope, send: Send, room_id: str) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
@@ -83,6 +116,25 @@ class ClientApi:
             status = HTTP_STATUS.get(exc.code, 502)
             return await _error(send, status, exc.code, "history unavailable")
         await reply_json(send, 200, history.wire_json().encode())
+
+    async def _task(self, scope: Scope, send: Send, task_id: str) -> None:
+        """``GET /tasks/{taskId}``: the caller's batch task, its content once done; the
+        backend is asked with userId = the caller, so another user's task is 404."""
+        try:
+            ident = self._identify(scope)
+        except AuthError as exc:
+            return await _error(send, 401, ErrorCode.UNAUTHORIZED, str(exc))
+        if len(task_id) > MAX_ID_LENGTH or not _ID.match(task_id):
+            return await _error(send, 422, ErrorCode.INVALID_PAYLOAD, "taskId: invalid")
+        try:
+            status = await self._upstream.task_status(task_id, ident.user_id, random_traceparent())
+        except UpstreamError as exc:
+            if exc.code is ErrorCode.NOT_FOUND:
+                return await _error(send, 404, ErrorCode.NOT_FOUND, "no such task")
+            log.warning("task_status_failed", code=exc.code.value)
+            status_code = HTTP_STATUS.get(exc.code, 502)
+            return await _error(send, status_code, exc.code, "task status unavailable")
+        await reply_json(send, 200, status.wire_json().encode())
 
 
 def _limit(query: bytes) -> int | None:

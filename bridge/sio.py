@@ -171,11 +171,13 @@ class SocketServer:
         if sock is not None and compat.output_queue(sock).qsize() >= self._max_queue:
             self._kick(eio_sid, compat.output_queue(sock))
 
-    def emit_to(self, sid: str, event: str, payload: Payload, *, follower: bool = False) -> None:
-        """An event for one local socket (through the delivery filter)."""
+    def emit_to(self, sid: str, event: str, payload: Payload, *, follower: bool = False) -> bool:
+        """An event for one local socket (through the delivery filter); whether it was queued
+        on an open socket."""
         eio_sid = self._manager.eio_sid_from_sid(sid, NAMESPACE)
         if eio_sid is not None and self.filter.admit(sid, event, payload, follower=follower):
-            self.push(eio_sid, encode(event, payload))
+            return self.push(eio_sid, encode(event, payload))
+        return False
 
     def emit_local(self, room: str, event: str, payload: Payload) -> None:
         """An event for every socket of ``room`` on this replica; encoded once."""

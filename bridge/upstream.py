@@ -47,6 +47,9 @@ from contracts import (
     StreamEnd,
     StreamError,
     StreamStart,
+    TaskAccepted,
+    TaskStatus,
+    UsageResponse,
     parse_json,
 )
 
@@ -117,6 +120,14 @@ class Upstream(Protocol):
     async def post_message(
         self, room_id: str, request: PostRequest, traceparent: str
     ) -> NewMessage: ...
+
+
+class TaskUpstream(Protocol):
+    """The backend's batch endpoints (CONTRACT.md section 2 "Batch")."""
+
+    async def create_task(self, request: ChatRequest, traceparent: str) -> TaskAccepted: ...
+
+    async def task_status(self, task_id: str, user_id: str, traceparent: str) -> TaskStatus: ...
 
 
 def decode_event(name: str, data: str) -> UpstreamEvent | None:
@@ -269,6 +280,28 @@ class HttpUpstream:
             self._timeouts.cancel_s, HistoryResponse.model_validate_json, params={"limit": limit},
         )  # fmt: skip
 
+    async def create_task(self, request: ChatRequest, traceparent: str) -> TaskAccepted:
+        """``POST /chat/tasks``: queue a batch answer (202; the same requestId again is the
+        same task, its current status)."""
+        return await self._call(
+            "create task", "POST", "/chat/tasks", traceparent, self._timeouts.cancel_s,
+            TaskAccepted.model_validate_json, content=request.wire_json(), accept=(200, 202),
+        )  # fmt: skip
+
+    async def task_status(self, task_id: str, user_id: str, traceparent: str) -> TaskStatus:
+        """``GET /chat/tasks/{taskId}?userId=U`` (404 when that user has no such task)."""
+        return await self._call(
+            "task status", "GET", f"/chat/tasks/{quote(task_id, safe='')}", traceparent,
+            self._timeouts.cancel_s, TaskStatus.model_validate_json, params={"userId": user_id},
+        )  # fmt: skip
+
+    async def usage(self, user_id: str, traceparent: str) -> UsageResponse:
+        """``GET /chat/usage/{userId}``: today's usage and budget of one user."""
+        return await self._call(
+            "usage", "GET", f"/chat/usage/{quote(user_id, safe='')}", traceparent,
+            self._timeouts.cancel_s, UsageResponse.model_validate_json,
+        )  # fmt: skip
+
     async def cancel(self, request_id: str, user_id: str, traceparent: str) -> None:
         await self._call(
             "cancel", "POST", f"/chat/messages/{quote(request_id, safe='')}/cancel", traceparent,
@@ -286,15 +319,17 @@ class HttpUpstream:
         *,
         params: dict[str, str | int] | None = None,
         content: str | None = None,
+        accept: tuple[int, ...] = (200,),
     ) -> T:
-        """One bounded JSON request: ``parse`` of a 200 body, else the backend's error."""
+        """One bounded JSON request: ``parse`` of a 200 (or ``accept``) body, else the
+        backend's error."""
         with translating(what):
             async with asyncio.timeout(timeout_s):
                 response = await self._client.request(
                     method, path, params=params, content=content,
                     headers=_headers(traceparent, sse=False),
                 )  # fmt: skip
-                if response.status_code != 200:
+                if response.status_code not in accept:
                     raise _http_error(response, response.content)
                 return parse(response.content)
 

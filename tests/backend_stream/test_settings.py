@@ -73,3 +73,34 @@ def test_environment_values_are_parsed_into_typed_settings() -> None:
 def test_bad_values_are_refused_with_the_variable_named(name: str, value: str) -> None:
     with pytest.raises(SettingsError, match=name):
         Settings.from_env({"BACKEND_TOKEN": "tok", name: value})
+
+
+def test_task_settings_have_defaults_bounds_and_a_webhook_needs_its_secret() -> None:
+    base = {"BACKEND_TOKEN": "tok"}
+    tasks = Settings.from_env(base).tasks
+    assert (tasks.workers, tasks.claim_idle_s, tasks.max_attempts) == (4, 30.0, 3)
+    assert (tasks.timeout_s, tasks.ttl_s, tasks.batch_max_tokens) == (600.0, 7 * 86_400, 4096)
+    assert tasks.webhook_url is None and tasks.webhook_max_attempts == 5
+    hook = {"TASK_WEBHOOK_URL": "https://apps.example/hook", "TASK_WEBHOOK_SECRET": "s" * 16}
+    configured = Settings.from_env({**base, **hook, "TASK_WORKERS": "0"}).tasks
+    assert configured.webhook_url == "https://apps.example/hook"
+    assert configured.webhook_secret == "s" * 16 and configured.workers == 0
+    refused = {
+        "TASK_WORKERS": "257",
+        "TASK_CLAIM_IDLE_S": "0.1",
+        "TASK_MAX_ATTEMPTS": "0",
+        "TASK_TIMEOUT_S": "soon",
+        "TASK_TTL_S": "59",
+        "BATCH_MAX_TOKENS": "0",
+        "TASK_WEBHOOK_MAX_ATTEMPTS": "21",
+        "TASK_WEBHOOK_TIMEOUT_S": "nan",
+    }
+    for name, value in refused.items():
+        with pytest.raises(SettingsError, match=name):
+            Settings.from_env({**base, name: value})
+    with pytest.raises(SettingsError, match="TASK_WEBHOOK_SECRET"):
+        Settings.from_env({**base, "TASK_WEBHOOK_URL": "https://apps.example/hook"})
+    with pytest.raises(SettingsError, match="TASK_WEBHOOK_SECRET"):
+        Settings.from_env({**base, **hook, "TASK_WEBHOOK_SECRET": "short"})
+    with pytest.raises(SettingsError, match="TASK_WEBHOOK_URL"):
+        Settings.from_env({**base, **hook, "TASK_WEBHOOK_URL": "ftp://apps.example/hook"})

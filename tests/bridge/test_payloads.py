@@ -25,6 +25,7 @@ from contracts import (
     SendRejected,
     SessionExpired,
     StreamEnd,
+    TaskDone,
     parse,
 )
 
@@ -55,6 +56,10 @@ def test_builders_match_the_contract_models() -> None:
             ),
         ),
         (MessageAck, payloads.message_ack("r", "room", "m", ok=True, path=Path.STREAM)),
+        (SendAccepted, payloads.accepted("r", "room", None, Path.BATCH, task_id="r")),
+        (JoinRoomAck, payloads.join_ack("room", [], ["u1"], pending_tasks=["t1", "t2"])),
+        (TaskDone, payloads.task_done("t", "room", "m", ok=True, code=None)),
+        (TaskDone, payloads.task_done("t", "room", None, ok=False, code=ErrorCode.MODEL_TIMEOUT)),
         (
             NewMessage,
             payloads.new_message(

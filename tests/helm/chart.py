@@ -27,13 +27,16 @@ TOKEN = "backend-token-given-in-values-0123456789"
 OPENAI_KEY = "sk-test-openai-key-given-in-values"
 # The variables the chart fills from Secrets or from redis.*, not from <component>.env.
 SECRET_VARS = {"bridge": {"JWT_SECRET", "BACKEND_TOKEN"}, "backend": {"BACKEND_TOKEN"}}
-OPTIONAL_SECRET_VARS = {"backend": {"OPENAI_API_KEY"}}
+OPTIONAL_SECRET_VARS = {"backend": {"OPENAI_API_KEY", "TASK_WEBHOOK_SECRET"}}
 COMPUTED_VARS = {"REDIS_URL"}
 SOURCES = {
     "bridge": (ROOT / "bridge" / "settings.py", ROOT / "bridge" / "README.md"),
     "backend": (ROOT / "backend_stream" / "settings.py", ROOT / "backend_stream" / "README.md"),
 }
-_ENV_READERS = {"text", "integer", "number", "flag", "names", "choice", "get", "_raw"}
+_ENV_READERS = {
+    "text", "integer", "number", "flag", "names", "choice", "get", "_raw", "optional_integer",
+    "optional_number",
+}  # fmt: skip
 Doc = dict[str, Any]
 
 

@@ -424,3 +424,17 @@ def test_notes_say_how_to_connect_and_warn_about_insecure_modes() -> None:
     assert "WARNING: bridge.env.BRIDGE_INSECURE_DEV_AUTH" in text
     text = notes(VALUE_SETS["ingress-hpa-monitoring"])
     assert "https://chat.internal.test/" in text
+
+
+def test_the_task_webhook_needs_its_secret_which_reaches_only_the_backend() -> None:
+    hook = {"backend": {"env": {"TASK_WEBHOOK_URL": "https://apps.example/hook"}}}
+    with pytest.raises(helm_python.HelmError, match="needs secrets.taskWebhookSecret"):
+        render(hook)
+    secret = "webhook-secret-given-in-values-0123"
+    docs = render({**hook, "secrets": {"taskWebhookSecret": secret}})
+    backend, bridge = resolved_env(docs, "backend"), resolved_env(docs, "bridge")
+    assert backend["TASK_WEBHOOK_SECRET"] == secret and "TASK_WEBHOOK_SECRET" not in bridge
+    (entry,) = [e for e in container(docs, "backend")["env"] if e["name"] == "TASK_WEBHOOK_SECRET"]
+    assert "value" not in entry and entry["valueFrom"]["secretKeyRef"]
+    assert secret not in json.dumps([d for d in docs if d["kind"] != "Secret"])
+    assert "TASK_WEBHOOK_SECRET" not in resolved_env(render(), "backend")

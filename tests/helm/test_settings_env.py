@@ -26,7 +26,12 @@ from tests.helm.chart import (
 )
 
 COMPONENTS = ("bridge", "backend")
-SECRETS = {"jwtSecret": JWT, "backendToken": TOKEN, "openaiApiKey": OPENAI_KEY}
+SECRETS = {
+    "jwtSecret": JWT,
+    "backendToken": TOKEN,
+    "openaiApiKey": OPENAI_KEY,
+    "taskWebhookSecret": "webhook-secret-given-in-values-0123",
+}
 
 
 def sample(schema: dict[str, Any], current: Any) -> Any:
@@ -38,6 +43,8 @@ def sample(schema: dict[str, Any], current: Any) -> Any:
     if "enum" in typed:
         return next(v for v in reversed(typed["enum"]) if v != current)
     kind = typed.get("type")
+    if "examples" in typed:  # a structured value (MODEL_PRICES' JSON): the chart's own example
+        return typed["examples"][0]
     if kind == "boolean":
         return not current if isinstance(current, bool) else True
     if kind in ("integer", "number"):

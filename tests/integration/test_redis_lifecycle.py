@@ -27,8 +27,13 @@ from tests.support.procs import ServerProcess
 
 ROOM_TTL_S = 3600
 HISTORY_TTL_S = 7200
-# Keys that are configuration, not per-room or per-user state: they may live forever.
-PERMANENT = ("bridge:flags", "bs:character:")
+# Keys that are configuration or shared, bounded structures, not per-room or per-user state:
+# they may live forever. The flags, the rollout and its audit trail (capped at 1,000), the batch
+# queue (a stream trimmed below its oldest unacknowledged entry, at most TASK_QUEUE_MAX waiting)
+# and its pending webhook deliveries (each removed when delivered or given up).
+PERMANENT = (
+    "bridge:flags", "bridge:rollout", "bridge:audit", "bs:character:", "bs:tasks",
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -51,7 +51,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
 
-{{/* The Secret holding JWT_SECRET, BACKEND_TOKEN, OPENAI_API_KEY. */}}
+{{/* The Secret holding JWT_SECRET, BACKEND_TOKEN, OPENAI_API_KEY, TASK_WEBHOOK_SECRET. */}}
 {{- define "chat-bridge.secretName" -}}
 {{- default (printf "%s-secrets" (include "chat-bridge.fullname" .)) .Values.secrets.existingSecret -}}
 {{- end -}}
