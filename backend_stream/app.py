@@ -108,7 +108,12 @@ def build_services(settings: Settings, metrics: Metrics, tracing: Tracing) -> Se
     provider = make_provider(settings)
     writer = ChunkWriter(redis, on_batch=metrics.chunk_batches.inc)
     turns = RoomTurns()
-    ledger = UsageLedger(redis, settings.budget, metrics)
+    # a reservation outlives anything that may still settle it: a generation (room wait plus its
+    # total timeout) or a queued task (its whole timeout)
+    longest_s = max(settings.room_queue_wait_s + settings.total_timeout_s, settings.tasks.timeout_s)
+    ledger = UsageLedger(
+        redis, settings.budget, metrics, reservation_ttl_s=max(600, math.ceil(2 * longest_s))
+    )
     runner = GenerationRunner(
         store=store, writer=writer, provider=provider, settings=settings, metrics=metrics,
         tracing=tracing, turns=turns, ledger=ledger,

@@ -8,6 +8,7 @@ BackendStreamError
 │   └── ModelFailed            # 5xx, malformed stream, refused request
 ├── GenerationTimeout (+TimeoutError)  # idle between tokens / total budget exceeded
 ├── RoomWaitTimeout            # waited ROOM_QUEUE_WAIT_S for the room's lock (ROOM_BUSY)
+├── BudgetExceeded             # the prompt does not fit the day's budget (before the model)
 └── Superseded                 # our lease lapsed and another replica runs the request now
 ```
 Request errors (bad input, auth, not found) are ``contracts.ContractError``: they carry their code.
@@ -51,6 +52,12 @@ class GenerationTimeout(BackendStreamError, TimeoutError):
 
 class RoomWaitTimeout(BackendStreamError):
     code = ErrorCode.ROOM_BUSY
+
+
+class BudgetExceeded(BackendStreamError):
+    """The prompt needs more than the user's or the service's budget leaves (usage.py)."""
+
+    code = ErrorCode.BUDGET_EXCEEDED
 
 
 class Superseded(BackendStreamError):

@@ -26,10 +26,12 @@ from redis.exceptions import RedisError
 from backend_stream.chunk_writer import ChunkWriter
 from backend_stream.errors import (
     BackendStreamError,
+    BudgetExceeded,
     GenerationTimeout,
     ModelFailed,
     ModelTimeout,
     ProviderError,
+    RequestRejected,
     RoomWaitTimeout,
     Superseded,
 )
@@ -41,7 +43,7 @@ from backend_stream.settings import Settings
 from backend_stream.store import Claim, ClaimOutcome, GenerationStore, dumps
 from backend_stream.tracing import Tracing
 from backend_stream.turns import RoomTurns
-from backend_stream.usage import UsageLedger
+from backend_stream.usage import UsageLedger, estimate_tokens
 from contracts import (
     RETRYABLE,
     BackendLatency,
@@ -77,6 +79,8 @@ class _Run:
     first_chunk: float | None = None
     model_done: float | None = None
     usage: Usage | None = None
+    prompt_chars: int = 0  # the prompt's length: its tokens' estimate when the model says none
+    model_called: bool = False
     finish: FinishReason = FinishReason.STOP
     pending: list[str] = field(default_factory=list)
     next_flush: float = 0.0
@@ -243,6 +247,16 @@ class GenerationRunner:
             user_id=run.gen.key.user_id,
         )
         run.prompt_built = time.monotonic()
+        run.prompt_chars = sum(len(m.content) for m in request.messages)
+        if self._ledger is not None:
+            key = run.gen.key
+            try:  # a prompt beyond its reserve reserves the rest too, or is refused here
+                await self._ledger.top_up(
+                    key.user_id, key.request_id, estimate_tokens(run.prompt_chars, 3.0)
+                )
+            except RequestRejected as exc:
+                raise BudgetExceeded(exc.message, retry_after_s=exc.retry_after_s) from None
+        run.model_called = True
         self._metrics.count_model_call(self._provider.name)
         tokens = await self._open(request)
         run.gen.mark_opened()
@@ -402,9 +416,19 @@ class GenerationRunner:
         if self._ledger is None:
             return
         key = run.gen.key
+        usage = run.usage
+        if usage is None and run.model_called:
+            # The providers report usage last: a generation cancelled, timed out or failed
+            # mid-stream has none. It was not free: count an estimate from the texts.
+            prompt = estimate_tokens(run.prompt_chars)
+            completion = estimate_tokens(len(run.gen.content))
+            usage = Usage(
+                prompt_tokens=prompt, completion_tokens=completion,
+                total_tokens=prompt + completion,
+            )  # fmt: skip
         try:
             async with asyncio.timeout(SHUTDOWN_WRITE_TIMEOUT_S):
-                await self._ledger.settle(key.user_id, key.request_id, run.usage)
+                await self._ledger.settle(key.user_id, key.request_id, usage)
         except (RedisError, OSError, TimeoutError):
             log.warning("usage_not_settled")
 

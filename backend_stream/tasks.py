@@ -14,16 +14,20 @@ why; in short:
   idle time) so a long job is never taken from it. The end is one script: record, the once-only
   guard (``SET NX``), PUBLISH, the webhook's queue, XACK and the trim (``MINID`` below the oldest
   entry not yet acknowledged: nothing unprocessed is ever trimmed away; acceptance refuses once
-  ``TASK_QUEUE_MAX`` entries wait).
+  ``TASK_QUEUE_MAX`` entries wait: the group's ``lag`` + ``pending``, not the stream's length,
+  which still counts acknowledged entries the approximate trim left).
 - A job is idempotent by ``(userId, taskId)``: the generation's record ``bs:gen:{u}/{t}`` is
   made at acceptance in the state ``queued`` with the task's ids and ``userStored`` (CLAIM runs
   a queued record as new and never stores its user message again), so a job run again after a
   worker's death attaches to the running generation, re-runs one whose replica died, or takes
   the stored result of one that ended: one user message, at most one assistant message.
-- ``attempts`` (in the task record) counts the generations this task's jobs started; at
-  ``TASK_MAX_ATTEMPTS`` the task is ``failed`` with the last code. ``TASK_TIMEOUT_S`` runs from
-  the job's first start (``startedAtMs``, kept across workers): past it, ``failed``
-  ``MODEL_TIMEOUT``.
+- ``attempts`` (in the task record) counts the generations this task's jobs started, taken in
+  Redis before each start (``ATTEMPT``: under the cap, or not at all; given back when the job
+  attached instead), so workers that took one task over from each other never start more than
+  ``TASK_MAX_ATTEMPTS``; at the cap the task is ``failed`` with the last code.
+  ``TASK_TIMEOUT_S`` runs from the job's first start (``startedAtMs``, kept across workers):
+  past it, ``failed`` ``MODEL_TIMEOUT``. A job only starts (``BEGIN``: ``running``) a task that
+  has not ended: a worker that took a stalled job over never turns a ``done`` back.
 
 Keys (every one expires or is bounded):
 - ``bs:task:{userId}/{taskId}``  hash, ``TASK_TTL_S``: ``state`` (queued | running | done |
@@ -90,6 +94,7 @@ TASK_GROUP = "workers"
 DONE_CHANNEL = "bs:tasks:done"
 WEBHOOK_QUEUE = "bs:tasks:webhooks"
 SIGNATURE_HEADER = "X-Signature-SHA256"
+TIMESTAMP_HEADER = "X-Signature-Timestamp"
 
 READ_BLOCK_MS = 1000  # a worker's XREADGROUP wait (then it looks for stale entries again)
 RECLAIM_SCAN_CALLS = 10  # XAUTOCLAIM calls per look (each scans up to 10 pending entries)
@@ -139,24 +144,46 @@ end
 
 # Acceptance. KEYS: task, generation record, request index, room history, stream.
 # ARGV: task ttl, record ttl, userId, history cap, history ttl, user message JSON, queue max,
-# slug, roomId, then the generation record's field/value pairs (state "queued").
-# Returns {'existing' | 'new' | 'full', task record flat}. When the requestId is already a
-# message request's (stream / complete), the task follows that generation and its user message
-# (stored by that request: never twice).
+# slug, roomId, group, then the generation record's field/value pairs (state "queued").
+# Returns {'existing' | 'new' | 'full' | 'room', task record flat}. When the requestId is
+# already a message request's (stream / complete) in the same room, the task follows that
+# generation and its user message (stored by that request: never twice); in another room it is
+# refused ('room', nothing written): its answer would go to the other room.
 ACCEPT = (
     _LIB
     + """
+-- entries that really wait: not yet delivered to the group (lag) or delivered and not yet
+-- acknowledged (pending). XLEN would also count the acknowledged ones the approximate trim
+-- (MINID ~, whole nodes) leaves. Unknown lag, or no group yet: every entry counts.
+local function waiting(stream, group)
+  if redis.call('EXISTS', stream) == 0 then return 0 end
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+    local name, pending, lag
+    for i = 1, #g, 2 do
+      if g[i] == 'name' then name = g[i + 1]
+      elseif g[i] == 'pending' then pending = g[i + 1]
+      elseif g[i] == 'lag' then lag = g[i + 1] end
+    end
+    if name == group then
+      if type(lag) ~= 'number' then return redis.call('XLEN', stream) end
+      return pending + lag
+    end
+  end
+  return redis.call('XLEN', stream)
+end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'existing', redis.call('HGETALL', KEYS[1])} end
-if redis.call('XLEN', KEYS[5]) >= tonumber(ARGV[7]) then return {'full', {}} end
+local follows = redis.call('EXISTS', KEYS[2]) == 1
+if follows and redis.call('HGET', KEYS[2], 'roomId') ~= ARGV[9] then return {'room', {}} end
+if waiting(KEYS[5], ARGV[10]) >= tonumber(ARGV[7]) then return {'full', {}} end
 local user_message = ARGV[6]
-if redis.call('EXISTS', KEYS[2]) == 1 then
+if follows then
   local ids = redis.call('HMGET', KEYS[2], 'userMessageId', 'createdAt')
   local message = cjson.decode(user_message)
   message['id'] = ids[1]
   message['createdAt'] = ids[2]
   user_message = cjson.encode(message)
 else
-  redis.call('HSET', KEYS[2], unpack(ARGV, 10))
+  redis.call('HSET', KEYS[2], unpack(ARGV, 11))
   redis.call('EXPIRE', KEYS[2], ARGV[2])
   redis.call('SADD', KEYS[3], ARGV[3])
   redis.call('EXPIRE', KEYS[3], ARGV[2])
@@ -195,6 +222,31 @@ ack(KEYS[3], ARGV[1], ARGV[2])
 return first and 1 or 0
 """
 )
+
+# A job starts (or, taken over, starts again): ``running`` and the first start's time, unless
+# the task ended meanwhile (another worker that still had it wrote ``done`` / ``failed``: that
+# end stays). KEYS: task. ARGV: now ms. Returns ``startedAtMs``, or false (ended, or gone).
+BEGIN = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state or state == 'done' or state == 'failed' then return false end
+redis.call('HSETNX', KEYS[1], 'startedAtMs', ARGV[1])
+redis.call('HSET', KEYS[1], 'state', 'running')
+return redis.call('HGET', KEYS[1], 'startedAtMs')
+"""
+
+# Before a job starts a generation: one attempt taken under the cap. KEYS: task. ARGV: max
+# attempts, delta ('1' take, '-1' give back one taken that started nothing). Returns the
+# attempts now, 0 at the cap (nothing taken), -1 when the task ended or is gone.
+ATTEMPT = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return -1 end
+if ARGV[2] == '-1' then return redis.call('HINCRBY', KEYS[1], 'attempts', -1) end
+if state == 'done' or state == 'failed' then return -1 end
+if tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0') >= tonumber(ARGV[1]) then
+  return 0
+end
+return redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+"""
 
 # A live job keeps its entry fresh, only while the entry is still this consumer's.
 # KEYS: stream. ARGV: group, entry id, consumer. Returns 1, or 0 when another worker has it.
@@ -272,9 +324,11 @@ def webhook_key(slug: str) -> str:
     return f"bs:task:{slug}:webhook"
 
 
-def signature(secret: str, body: bytes) -> str:
-    """The ``X-Signature-SHA256`` header: hex HMAC-SHA256 of the raw body."""
-    return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+def signature(secret: str, timestamp: int, body: bytes) -> str:
+    """The ``X-Signature-SHA256`` header: hex HMAC-SHA256 of ``"{timestamp}.{raw body}"``, the
+    timestamp (unix seconds) being the ``X-Signature-Timestamp`` header: a receiver refuses an
+    old one, so a captured delivery cannot be replayed later (README "Batch tasks")."""
+    return hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
 
 
 def consumer_name() -> str:
@@ -348,6 +402,8 @@ class TaskQueue:
         self._accept = redis.register_script(ACCEPT)
         self._end = redis.register_script(END)
         self._keep = redis.register_script(KEEP)
+        self._begin = redis.register_script(BEGIN)
+        self._attempt = redis.register_script(ATTEMPT)
         self._release = redis.register_script(RELEASE)
         self._forget = redis.register_script(FORGET_CONSUMERS)
         # well inside the socket timeout, so a quiet queue never reads as a Redis failure
@@ -414,13 +470,26 @@ class TaskQueue:
             args=[
                 self._s.ttl_s, s.idempotency_ttl_s, req.user_id, s.history_cap, s.history_ttl_s,
                 orjson.dumps(message.wire()), self._s.queue_max, key.slug, req.room_id,
-                *[x for pair in record.items() for x in pair],
+                TASK_GROUP, *[x for pair in record.items() for x in pair],
             ],
         )  # fmt: skip
         outcome, flat = res
+        # The reservation (bs:resv:{userId}:{requestId}) is one per (user, request), whoever
+        # made it, and the generation of that pair settles it when it ends. So it is released
+        # here only when this call made it (admit True) and this task makes no generation of
+        # that pair run: 'full' and 'room' (nothing stored, no job), 'existing' when that task
+        # has ended. An 'existing' task still queued or running keeps it: its job's generation
+        # (running, or to come) settles that very key; released, it would run unreserved and
+        # its usage would go uncounted. 'new' keeps it for its own job.
+        ended = outcome == "existing" and _flat(flat).get("state") in FINISHED
+        if reserved and self._ledger is not None and (outcome in ("full", "room") or ended):
+            await self._ledger.release(req.user_id, req.request_id)
+        if outcome == "room":
+            raise RequestRejected(
+                ErrorCode.INVALID_PAYLOAD,
+                "requestId is already a message request of this user in another room",
+            )
         if outcome == "full":
-            if reserved and self._ledger is not None:
-                await self._ledger.release(req.user_id, req.request_id)  # nothing was queued
             raise RequestRejected(
                 ErrorCode.BACKEND_UNAVAILABLE,
                 "the task queue is full; try again later",
@@ -580,11 +649,10 @@ class TaskQueue:
             character_id=req.character_id,
         )  # fmt: skip
         now_ms = int(time.time() * 1000)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hsetnx(tkey, "startedAtMs", now_ms)
-            pipe.hset(tkey, "state", TaskState.RUNNING.value)
-            pipe.hget(tkey, "startedAtMs")
-            _, _, started = await pipe.execute()
+        started = await self._begin(keys=[tkey], args=[now_ms])
+        if started is None:  # another worker that still had the job ended it since we read it
+            await self._ack(entry_id)
+            return
         deadline = time.monotonic() + (int(started) + self._s.timeout_s * 1000 - now_ms) / 1000
         attempts = int(record.get("attempts") or 0)
         last_code = record.get("lastCode") or ErrorCode.BACKEND_FAILED.value
@@ -601,23 +669,33 @@ class TaskQueue:
                     "the task's generation record expired before it ran",
                 )  # fmt: skip
                 return
-            if starts and attempts >= self._s.max_attempts:
-                await self._fail(
-                    entry_id, key, record, ErrorCode(last_code),
-                    f"gave up after {attempts} attempts",
-                )  # fmt: skip
-                return
+            if starts:  # the attempt is taken in Redis first: other workers' count too
+                taken = int(await self._attempt(keys=[tkey], args=[self._s.max_attempts, 1]))
+                if taken < 0:  # ended by another worker meanwhile
+                    await self._ack(entry_id)
+                    return
+                if taken == 0:
+                    await self._fail(
+                        entry_id, key, record, ErrorCode(last_code),
+                        f"gave up after {self._s.max_attempts} attempts",
+                    )  # fmt: skip
+                    return
+                attempts = taken
             try:
                 att = await self._registry.start_or_attach(
                     req, time.monotonic(), max_output_tokens=self._s.batch_max_tokens
                 )
             except RequestRejected as exc:
+                if starts:  # nothing started
+                    await self._attempt(keys=[tkey], args=[self._s.max_attempts, -1])
                 if exc.code is ErrorCode.ROOM_BUSY:  # the room's queue is full: wait, no attempt
                     await asyncio.sleep(min(exc.retry_after_s or 1.0, max(remaining, 0.0)))
                     continue
                 await self._fail(entry_id, key, record, exc.code, exc.message)
                 return
-            if not att.attached:
+            if starts and att.attached:  # it attached after all (free): the attempt goes back
+                attempts = int(await self._attempt(keys=[tkey], args=[self._s.max_attempts, -1]))
+            elif not starts and not att.attached:  # it started after all (it became re-runnable)
                 attempts = int(await _aw(self._redis.hincrby(tkey, "attempts", 1)))
             event = await self._terminal(att, remaining)
             if event is None:
@@ -835,16 +913,24 @@ class WebhookDeliverer:
         attempt = int(attempts or 0) + 1
         raw = str(body).encode()
         assert self._client is not None
+        timestamp = int(time.time())
         headers = {
             "Content-Type": "application/json",
-            SIGNATURE_HEADER: signature(self._secret, raw),
+            TIMESTAMP_HEADER: str(timestamp),
+            SIGNATURE_HEADER: signature(self._secret, timestamp, raw),
             "X-Task-Id": slug.partition("/")[2],
             "X-Delivery-Attempt": str(attempt),
             "User-Agent": "chat-backend-webhook",
         }
         try:
-            resp = await self._client.post(self._url, content=raw, headers=headers)
+            # httpx's timeouts are per phase (a receiver trickling its answer never trips
+            # them): the whole delivery is bounded, well inside its lease, so no second
+            # deliverer posts the same body while this one still waits
+            async with asyncio.timeout(self._timeout_s):
+                resp = await self._client.post(self._url, content=raw, headers=headers)
             ok, why = 200 <= resp.status_code < 300, f"HTTP {resp.status_code}"
+        except TimeoutError:
+            ok, why = False, "timeout"
         except httpx.HTTPError as exc:
             ok, why = False, type(exc).__name__
         if ok:

@@ -152,6 +152,16 @@ class AdminApi:
                 changes[name] = f"{value:g}"
         if not changes:
             raise HttpError(422, ErrorCode.INVALID_PAYLOAD, "no flag to change")
+        if "percent" in changes:
+            rollout = await self._store.load()
+            if rollout.state in (RolloutState.RUNNING, RolloutState.PAUSED):
+                # the rollout's stages own the percentage: an edit would be overwritten by the
+                # next promote and could take users off the stream path (not sticky)
+                raise HttpError(
+                    409, ErrorCode.FORBIDDEN,
+                    f"a rollout is {rollout.state.value}: roll it back or let it finish before "
+                    "setting percent (the kill switch, enabled=false, always works)",
+                )  # fmt: skip
         await self._flags.patch(changes, actor=ident.user_id, reason=patch.reason)
         return flags_view(self._flags)
 

@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 
 from bridge import payloads
 from bridge.auth import Authenticator, AuthError, Identity
-from bridge.breaker import STREAM, Breaker, verdict
+from bridge.breaker import NOT_COUNTED, STREAM, Breaker, verdict
 from bridge.errors import PayloadError, StoreError, UpstreamError, UpstreamHttpError
 from bridge.fanout import CHUNK, START
 from bridge.flags import FlagStore, decide
@@ -533,6 +533,10 @@ class ChatHandlers:
         m = self._metrics
         if outcome.rejected:
             m.rejections.labels(code=str(outcome.code)).inc()
+            if outcome.code not in NOT_COUNTED:
+                # refused by the backend before any ack for a reason of the stream path's (it
+                # was down, ...): a failed send for the rollout's gate, as for the breaker
+                m.requests.labels(path=outcome.path.value, ok="false").inc()
         else:
             m.requests.labels(path=outcome.path.value, ok=str(outcome.ok).lower()).inc()
             if outcome.accepted_ms is not None:

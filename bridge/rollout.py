@@ -12,7 +12,8 @@ make one transition, never two, and no flag change goes unaudited.
 
 The first stage streams the allow lists (roles ``internal`` and ``admin`` are added to
 ``allow_roles``) plus the plan's first percentage; a rollback returns to the previous stage's
-percentage (0 from the first). Promoting into the last stage ends the rollout (``done``): it
+percentage (0 from the first, and ``allow_roles`` as it was before the start). Promoting into
+the last stage ends the rollout (``done``): it
 was judged on the stage before, and at 100 % no complete cohort is left to compare with.
 
 The controller runs in every replica; the one holding the lease (``bridge:rollout:lease``, a
@@ -106,12 +107,14 @@ class Rollout:
     stage_since: float | None = None
     history: tuple[dict[str, Any], ...] = ()
     version: int = 0
+    roles_before: tuple[str, ...] | None = None  # allow_roles before start (a full rollback)
 
     def to_json(self) -> str:
         raw = asdict(self)
         raw["state"] = self.state.value
         raw["plan"] = list(self.plan)
         raw["history"] = list(self.history)
+        raw["roles_before"] = None if self.roles_before is None else list(self.roles_before)
         return json.dumps(raw, separators=(",", ":"))
 
     @classmethod
@@ -130,6 +133,9 @@ class Rollout:
             stage_since=None if data.get("stage_since") is None else float(data["stage_since"]),
             history=tuple(data.get("history", ())),
             version=int(data["version"]),
+            roles_before=(
+                None if data.get("roles_before") is None else tuple(data["roles_before"])
+            ),
         )
 
     def summary(self) -> dict[str, Any]:
@@ -168,6 +174,7 @@ def plan_transition(
             dwell_s=settings.dwell_s if start.dwell_s is None else start.dwell_s,
             min_samples=settings.min_samples if start.min_samples is None else start.min_samples,
             auto=start.auto, stage_since=now, history=current.history, version=current.version,
+            roles_before=tuple(sorted(flags_roles)),
         )  # fmt: skip
         roles = sorted(flags_roles | set(FIRST_STAGE_ROLES))
         flags = {"enabled": "true", "percent": _fmt(plan[0]), "allow_roles": ",".join(roles)}
@@ -199,6 +206,9 @@ def plan_transition(
         back = current.plan[current.stage - 1] if current.stage > 0 else 0.0
         after = replace(current, state=RolloutState.ROLLED_BACK, percent=back, stage_since=now)
         flags = {"percent": _fmt(back)}
+        if current.stage == 0 and current.roles_before is not None:
+            # back before the first stage: the roles it added stream no more either
+            flags["allow_roles"] = ",".join(current.roles_before)
     else:  # pragma: no cover - Action is closed
         raise TransitionError(f"unknown action {action}")
     entry: dict[str, Any] = {

@@ -19,12 +19,16 @@ exactly-once argument; in short:
   user (any room) takes every undelivered record in one script (read and delete together), so
   one join gets them, once, after its ack.
 
-Redis keys (every one expires; ``KEEP_S`` after its last write):
+Redis keys (every one expires; ``KEEP_S`` after its last write, the marker ``DELIVERED_KEEP_S``):
 - ``bridge:tasks:{userId}``           sorted set taskId -> time: the user's tasks the bridge
   tracks, unfinished and finished-undelivered; at most ``MAX_PER_USER`` (the oldest dropped).
 - ``bridge:tasks:{userId}:outcomes``  hash taskId -> TaskOutcome JSON: finished, not yet
   delivered to a socket of the user (only tasks in the sorted set).
 - ``bridge:task:delivered:{userId}:{taskId}``  the marker of the one delivery.
+
+A ``join_room`` with unfinished tasks asks the backend about them in the background, at most
+one such recovery per user at a time and one per ``RECOVER_EVERY_S`` per user on a replica (a
+client looping ``join_room`` costs nothing more).
 """
 
 from __future__ import annotations
@@ -69,10 +73,17 @@ log = structlog.get_logger("bridge.tasks")
 CHANNEL = "bs:tasks:done"  # where the backend publishes TaskOutcome (contracts.TaskOutcome)
 CONTROL = "bridge:task_outcome"  # the winner's announcement to every replica (never to a client)
 PREFIX = "bridge:"
-KEEP_S = 86_400  # a tracked task, an undelivered outcome, a delivery marker: kept a day
+KEEP_S = 86_400  # a tracked task, an undelivered outcome: kept a day
+# The delivery marker outlives the backend's task record (TASK_TTL_S, 7 days by default; the
+# backend's README says to keep it under this): while the backend still answers a resent
+# requestId with the ended task, the marker must still say it was delivered, or the outcome
+# would be delivered again (a second answer, a second task_done).
+DELIVERED_KEEP_S = 8 * 86_400
 MAX_PER_USER = 100  # tracked tasks per user (unfinished + undelivered), the oldest dropped
 RECOVER_MAX = 20  # unfinished tasks a join_room asks the backend about (the oldest first)
 RECOVER_CONCURRENCY = 8  # status requests at once per replica for recovery
+RECOVER_EVERY_S = 10.0  # a join's recovery per user on this replica, at most this often
+RECOVER_USERS_MAX = 10_000  # users whose last recovery this replica remembers (the oldest go)
 SEEN_PER_SOCKET = 64  # tasks per socket whose events it was sent (at most once each)
 LISTEN_RETRY_FIRST_S = 0.1
 LISTEN_RETRY_MAX_S = 2.0
@@ -107,13 +118,13 @@ return 1
 )
 
 # The one delivery decision. KEYS: marker, sorted set, outcomes. ARGV: taskId, outcome JSON,
-# now, keep, cap. 1: this caller delivers (the outcome is stored as undelivered, the task kept
-# tracked); 0: somebody already did (a task still tracked but neither undelivered nor
-# unfinished any more is dropped from the set).
+# now, keep, cap, marker keep. 1: this caller delivers (the outcome is stored as undelivered,
+# the task kept tracked); 0: somebody already did (a task still tracked but neither
+# undelivered nor unfinished any more is dropped from the set).
 RECORD_SCRIPT = (
     _TRIM
     + """
-if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[4]) then
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[6]) then
   redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
   redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
   trim(KEYS[2], KEYS[3], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]))
@@ -216,7 +227,7 @@ class TaskStore:
         user, task = outcome.user_id, outcome.task_id
         keys = [_marker_key(user, task), _set_key(user), _outcomes_key(user)]
         args: list[str | int | float] = [
-            task, outcome.wire_json(), time.time(), KEEP_S, MAX_PER_USER
+            task, outcome.wire_json(), time.time(), KEEP_S, MAX_PER_USER, DELIVERED_KEEP_S
         ]  # fmt: skip
         async with _store("record task outcome"):
             return bool(await self._record(keys=keys, args=args))
@@ -270,6 +281,8 @@ class BatchTasks:
         self._user_of: dict[str, str] = {}  # sid -> userId
         self._seen: dict[str, OrderedDict[str, None]] = {}  # sid -> "{kind}:{taskId}" sent
         self._recovering: asyncio.Semaphore | None = None
+        self._recovering_users: set[str] = set()  # a join's recovery in progress here
+        self._recovered_at: OrderedDict[str, float] = OrderedDict()  # userId -> its last start
         self.subscribed = False
 
     @property
@@ -323,8 +336,30 @@ class BatchTasks:
         for outcome in taken:
             if not self._give(sid, outcome):
                 self.server.spawn(self._restore(outcome))
-        if unfinished:
-            self.server.spawn(self._recover_all(user_id, unfinished[:RECOVER_MAX]))
+        if unfinished and self._may_recover(user_id):
+            task = self.server.spawn(self._recover_all(user_id, unfinished[:RECOVER_MAX]))
+            self._recovering_users.add(user_id)
+            task.add_done_callback(lambda _t: self._recovering_users.discard(user_id))
+
+    def _may_recover(self, user_id: str) -> bool:
+        """Whether a join of ``user_id`` starts a recovery now: none of that user's is in
+        progress here, and the last started ``RECOVER_EVERY_S`` ago or more. What it remembers
+        is bounded: only starts of the last ``RECOVER_EVERY_S`` matter (oldest first, so those
+        before go from the front), at most ``RECOVER_USERS_MAX`` of them."""
+        if user_id in self._recovering_users:
+            return False
+        now = time.monotonic()
+        last = self._recovered_at.get(user_id)
+        if last is not None and now - last < RECOVER_EVERY_S:
+            return False
+        self._recovered_at.pop(user_id, None)
+        self._recovered_at[user_id] = now  # the newest last: the dict is in start order
+        while self._recovered_at and (
+            len(self._recovered_at) > RECOVER_USERS_MAX
+            or now - next(iter(self._recovered_at.values())) >= RECOVER_EVERY_S
+        ):
+            self._recovered_at.popitem(last=False)
+        return True
 
     async def resent(self, sid: str, user_id: str, task_id: str) -> None:
         """A requestId sent again for a task that has ended: delivered now if it never was,

@@ -11,16 +11,25 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, cast
 
 import httpx
 import pytest
 from redis.asyncio import Redis
 
-from contracts import TaskOutcome, TaskState
+from backend_stream.app import Services, build_services
+from backend_stream.metrics import Metrics
+from backend_stream.settings import Settings
+from backend_stream.store import GenKey
+from backend_stream.tasks import TaskQueue, task_key
+from backend_stream.tracing import Tracing
+from backend_stream.usage import reservation_key
+from contracts import ChatRequest, ErrorCode, TaskOutcome, TaskState
 from contracts.redis_server import EmbeddedRedis
 from tests.backend_stream.conftest import (
+    FAST_ENV,
     MAX_CONTENT_CHARS,
     Backend,
     body,
@@ -367,3 +376,234 @@ async def test_a_long_job_keeps_its_queue_entry_so_nobody_takes_it_over(
     assert worker.model_calls() - calls == 1
     record = await redis.hgetall(f"bs:task:{payload['userId']}/{payload['requestId']}")
     assert record["attempts"] == "1"
+
+
+async def test_the_queue_is_full_by_what_waits_not_by_what_was_acknowledged(
+    task_redis: EmbeddedRedis, worker: Backend, redis: Redis
+) -> None:
+    # TASK_QUEUE_MAX=3: XLEN keeps acknowledged entries (MINID ~ trims whole nodes only), so
+    # three finished tasks must not fill it; two running and one queued do
+    small = Backend(start_backend(task_redis.url, **{**WORKER_ENV, "TASK_WORKERS": "0",
+                                                     "TASK_QUEUE_MAX": "3"}))  # fmt: skip
+    try:
+        async with small.client() as client:
+            quick = [body(f"quick {i} [[tokens=2]]") for i in range(3)]
+            for payload in quick:
+                await post_task(client, payload)
+            for payload in quick:
+                assert (await wait_end(client, payload))[0]["status"] == "done"
+            assert await redis.xlen("bs:tasks") >= 3  # acknowledged, still in the stream
+            after = body("nothing waits [[tokens=2]]")
+            await post_task(client, after)  # accepted: nothing waits
+            await wait_end(client, after)
+            # the worker's two slots taken (pending), one more queued (lag): three wait
+            blockers = [body(f"blocker {i} [[tps=5]] [[tokens=10]]") for i in range(2)]
+            for blocker in blockers:
+                await post_task(client, blocker)
+            for blocker in blockers:
+                await wait_for_state(client, blocker, "running")
+            await post_task(client, body("queued behind them [[tokens=2]]"))
+            refused = body("one too many")
+            resp = await client.post("/chat/tasks", json=refused)
+            for blocker in blockers:
+                await wait_end(client, blocker)
+    finally:
+        small.proc.stop()
+    assert (resp.status_code, resp.json()["code"]) == (503, "BACKEND_UNAVAILABLE"), resp.text
+    assert resp.headers.get("retry-after")
+    assert not await redis.exists(f"bs:task:{refused['userId']}/{refused['requestId']}")
+
+
+async def test_a_task_with_a_message_requests_id_in_another_room_is_refused(
+    front: Backend, redis: Redis
+) -> None:
+    payload = body("first a streamed answer [[tokens=3]]")
+    async with front.client() as client:
+        resp = await client.post("/chat/messages/stream", json=payload)
+        assert resp.status_code == 200
+        length = await redis.xlen("bs:tasks")
+        elsewhere = {**payload, "roomId": f"{payload['roomId']}-other"}
+        refused = await client.post("/chat/tasks", json=elsewhere)
+        other_room = await history(client, elsewhere["roomId"])
+        same_room = of_request(await history(client, payload["roomId"]), payload["requestId"])
+    assert (refused.status_code, refused.json()["code"]) == (422, "INVALID_PAYLOAD"), refused.text
+    assert other_room == []
+    assert [m["role"] for m in same_room] == ["user", "assistant"]  # untouched
+    assert not await redis.exists(f"bs:task:{payload['userId']}/{payload['requestId']}")
+    assert await redis.xlen("bs:tasks") == length
+    # the reservation the refused task made is released (the stream request's was settled)
+    assert not await redis.exists(reservation_key(payload["userId"], payload["requestId"]))
+
+
+# ---- interleavings of two workers ----------------------------------------------------------
+# Two workers' steps in a given order cannot be timed between processes: these run the queue in
+# the test's process (real Redis of their own, the real scripts, registry and scripted model,
+# no worker loop) and put the other worker's step exactly between two of this one's.
+
+
+@dataclass
+class Local:
+    services: Services
+    queue: TaskQueue  # worker B, the one under test
+    other: TaskQueue  # worker A, on the same Redis
+
+    @property
+    def redis(self) -> Redis:
+        return self.services.redis
+
+    def model_calls(self) -> float:
+        found = self.services.metrics.registry.get_sample_value(
+            "backend_model_calls_total", {"provider": "scripted"}
+        )
+        return found or 0.0
+
+
+@pytest.fixture
+async def local() -> AsyncIterator[Local]:
+    with EmbeddedRedis() as server:
+        env = {**FAST_ENV, "REDIS_URL": server.url, **WORKER_ENV, "TASK_WORKERS": "0"}
+        settings = Settings.from_env(env)
+        metrics = Metrics()
+        services = build_services(
+            settings, metrics, Tracing.create(enabled=False, service_name="t")
+        )
+        services.writer.start()
+        services.runner.start()
+        services.registry.start()
+        queues = [
+            TaskQueue(
+                redis=services.redis,
+                store=services.store,
+                registry=services.registry,
+                feed=services.feed,
+                settings=settings,
+                metrics=metrics,
+                ledger=services.ledger,
+            )  # fmt: skip
+            for _ in range(2)
+        ]
+        try:
+            yield Local(services, *queues)
+        finally:
+            for queue in queues:
+                await queue.aclose()
+            await services.registry.aclose()
+            await services.runner.aclose()
+            await services.writer.aclose()
+            await services.provider.aclose()
+            await services.redis.aclose()
+
+
+def task_request(content: str) -> ChatRequest:
+    ids = body(content)
+    return ChatRequest(
+        request_id=ids["requestId"], room_id=ids["roomId"], user_id=ids["userId"], content=content
+    )
+
+
+def after_first_read(
+    monkeypatch: pytest.MonkeyPatch, redis: Redis, key: str, step: Callable[[], Awaitable[Any]]
+) -> None:
+    """Run ``step`` (the other worker) right after this process's first HGETALL of ``key``."""
+    original = redis.hgetall
+    fired = False
+
+    async def hgetall(name: str) -> Any:
+        nonlocal fired
+        value = await cast(Awaitable[Any], original(name))
+        if name == key and not fired:
+            fired = True
+            await step()
+        return value
+
+    monkeypatch.setattr(redis, "hgetall", hgetall)
+
+
+async def take_entry(queue: TaskQueue) -> tuple[str, str, bool]:
+    for _ in range(10):
+        entry = await queue._next_entry()
+        if entry is not None:
+            return entry
+    raise AssertionError("no queue entry")
+
+
+async def test_a_worker_never_turns_an_ended_task_back_to_running(
+    local: Local, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # B took the job over from A (stalled, alive) and read the task while it was running; A's
+    # end lands before B starts: B must leave it ended (before: `running` for TASK_TTL_S)
+    req = task_request("taken over [[tokens=3]]")
+    key = GenKey(req.user_id, req.request_id)
+    await local.queue.accept(req)
+    entry_id, slug, _ = await take_entry(local.queue)
+    await local.redis.hset(task_key(key), "state", "running")
+    record = await cast(Awaitable[dict[str, str]], local.redis.hgetall(task_key(key)))
+
+    async def a_ends() -> None:
+        await local.other._fail(entry_id, key, record, ErrorCode.MODEL_ERROR, "A's end")
+
+    after_first_read(monkeypatch, local.redis, task_key(key), a_ends)
+    await local.queue._process(entry_id, slug, True)
+    await asyncio.sleep(0.3)  # a generation B started would be running by now
+    status = await local.queue.status(req.user_id, req.request_id)
+    assert status is not None
+    assert (status.status, status.code) == (TaskState.FAILED, ErrorCode.MODEL_ERROR)
+    assert local.model_calls() == 0
+    pending = await local.redis.xpending("bs:tasks", "workers")
+    assert pending["pending"] == 0
+
+
+async def test_attempts_taken_by_another_worker_count_against_the_cap(
+    local: Local, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # TASK_MAX_ATTEMPTS=3. B reads attempts=2, then A starts the third: B must not start a
+    # fourth (before: B's own stale count let it)
+    req = task_request("the last attempt [[tokens=3]]")
+    key = GenKey(req.user_id, req.request_id)
+    await local.queue.accept(req)
+    entry_id, slug, _ = await take_entry(local.queue)
+    await local.redis.hset(task_key(key), mapping={"attempts": 2, "lastCode": "MODEL_ERROR"})
+
+    async def a_takes_the_third() -> None:
+        await local.redis.hincrby(task_key(key), "attempts", 1)
+
+    after_first_read(monkeypatch, local.redis, task_key(key), a_takes_the_third)
+    await local.queue._process(entry_id, slug, True)
+    record = await cast(Awaitable[dict[str, str]], local.redis.hgetall(task_key(key)))
+    assert record["attempts"] == "3"
+    assert (record["state"], record["code"]) == ("failed", "MODEL_ERROR")
+    assert local.model_calls() == 0
+
+
+@pytest.mark.parametrize("ended", [False, True])
+async def test_a_reservation_is_released_only_when_no_generation_will_settle_it(
+    local: Local, monkeypatch: pytest.MonkeyPatch, ended: bool
+) -> None:
+    # Two posts of one task at once: the first reserves, then the second is accepted whole
+    # (its admit finds the reservation), then the first's script finds the task ('existing').
+    # Queued: its job's generation will settle that reservation, it stays. Ended (no
+    # generation will run): the first call's reservation is released.
+    req = task_request("posted twice [[tokens=3]]")
+    key = GenKey(req.user_id, req.request_id)
+    ledger = local.services.ledger
+    assert ledger is not None
+    reserve = ledger.reserve
+    made: list[bool] = []
+
+    async def reserve_then_the_other_post(user_id: str, request_id: str, tokens: int) -> bool:
+        mine = await reserve(user_id, request_id, tokens)
+        made.append(mine)
+        if len(made) == 1:
+            assert (await local.other.accept(req)).status is TaskState.QUEUED
+            if ended:
+                record = await cast(Awaitable[dict[str, str]], local.redis.hgetall(task_key(key)))
+                await local.other._fail("", key, record, ErrorCode.MODEL_TIMEOUT, "ended")
+        return mine
+
+    await local.other._ensure_group()  # as a worker that ends a task has
+    monkeypatch.setattr(ledger, "reserve", reserve_then_the_other_post)
+    accepted = await local.queue.accept(req)
+    assert made == [True, False]
+    assert accepted.status is (TaskState.FAILED if ended else TaskState.QUEUED)
+    kept = await local.redis.exists(reservation_key(req.user_id, req.request_id))
+    assert kept == (0 if ended else 1)

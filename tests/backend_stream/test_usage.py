@@ -209,3 +209,79 @@ async def test_usage_route_bad_input(budgeted: Backend) -> None:
     async with httpx.AsyncClient(base_url=budgeted.url, timeout=5) as anonymous:
         reply = await anonymous.get("/chat/usage/u1")  # the service token is required
     assert (reply.status_code, reply.json()["code"]) == (401, "UNAUTHORIZED")
+
+
+async def test_a_prompt_beyond_its_reserve_is_refused_at_the_edge_before_the_model(
+    budgeted: Backend,
+) -> None:
+    user = ids()["userId"]
+    long_prompt = "word " * 39  # ~195 characters: ~65 tokens, more than the 30 reserved
+    async with budgeted.client() as client:
+        while True:
+            spent = await _usage(client, user)
+            if spent["promptTokens"] + spent["completionTokens"] >= BUDGET_TOKENS - RESERVATION:
+                break
+            assert (await _complete(client, {**body("[[tokens=1]] s"), "userId": user})).is_success
+        calls = budgeted.model_calls()
+        reply = await _complete(client, {**body(long_prompt), "userId": user})
+        assert budgeted.model_calls() == calls, "the model was called over the budget"
+        assert reply.status_code == 429 and reply.json()["code"] == "BUDGET_EXCEEDED", reply.text
+        after = await _usage(client, user)
+    assert after["remaining"]["tokens"] == BUDGET_TOKENS - (
+        after["promptTokens"] + after["completionTokens"]
+    )  # the refused request's reservation was given back
+
+
+async def test_a_cancelled_generation_is_charged_what_it_used(budgeted: Backend) -> None:
+    user = ids()["userId"]
+    payload = {**body("[[tps=20]] [[tokens=20]] slowly"), "userId": user}
+    async with budgeted.client() as client:
+        async with client.stream("POST", "/chat/messages/stream", json=payload) as stream:
+            seen = 0
+            async for line in stream.aiter_lines():
+                if line.startswith("event: chunk"):
+                    seen += 1
+                if seen >= 4:
+                    cancel = await client.post(
+                        f"/chat/messages/{payload['requestId']}/cancel",
+                        params={"userId": user},
+                    )
+                    assert cancel.status_code == 200
+                    break
+        for _ in range(100):
+            got = await _usage(client, user)
+            if got["completionTokens"]:
+                break
+            await asyncio.sleep(0.05)
+    assert got["completionTokens"] > 0 and got["promptTokens"] > 0  # an estimate, never free
+    assert got["costUsd"] > 0
+
+
+async def test_a_dead_process_reservation_is_given_back(redis_url: str) -> None:
+    from redis.asyncio import Redis
+
+    from backend_stream.metrics import Metrics
+    from backend_stream.settings import BudgetSettings, Price
+    from backend_stream.usage import SERVICE, UsageLedger, usage_key, utc_day
+
+    redis = Redis.from_url(redis_url, decode_responses=True)
+    budget = BudgetSettings(prices={"scripted": Price(1.0, 1.0)}, user_daily_tokens=1000)
+    ledger = UsageLedger(redis, budget, Metrics(), reservation_ttl_s=1)
+    dead, alive = ids()["userId"], ids()["userId"]
+    day = utc_day()
+    service_before = int(await redis.hget(usage_key(day, SERVICE), "res_micro") or 0)
+    try:
+        assert await ledger.reserve(dead, "r-dead", 100) is True  # its process dies: no settle
+        assert int(await redis.hget(usage_key(day, dead), "res_tokens") or 0) > 0
+        assert await ledger.reserve(dead, "r-dead", 100) is False  # a retry: reserved once
+        await asyncio.sleep(2.2)
+        assert await ledger.reserve(alive, "r-alive", 100) is True  # anyone's reserve cleans
+        assert int(await redis.hget(usage_key(day, dead), "res_tokens")) == 0
+        await ledger.settle(alive, "r-alive", None)
+        assert await ledger.settle(alive, "r-alive", None) is False  # once
+        service_after = int(await redis.hget(usage_key(day, SERVICE), "res_micro") or 0)
+        assert service_after <= service_before  # nothing of the two left reserved
+        # the dead one's late settle counts its usage but gives nothing back twice
+        assert await ledger.settle(dead, "r-dead", None) is False  # its key expired with it
+    finally:
+        await redis.aclose()

@@ -294,3 +294,26 @@ async def test_cli_refusals_exit_non_zero_with_the_reason(api: httpx.AsyncClient
     code, _, err = await _cli("http://127.0.0.1:9", "flags", "show")
     assert code == 1 and "unreachable" in err
     assert await _state(api) == before
+
+
+async def test_the_rollout_owns_the_percentage_and_a_full_rollback_restores_the_roles(
+    api: httpx.AsyncClient,
+) -> None:
+    reply = await api.patch("/admin/flags", json={"allowRoles": ["beta"]}, headers=ADMIN)
+    assert reply.status_code == 200, reply.text
+    start = await api.post("/admin/rollout/start", json={"plan": [10, 100]}, headers=ADMIN)
+    assert start.status_code == 200, start.text
+    flags = (await api.get("/admin/flags", headers=ADMIN)).json()
+    assert flags["allowRoles"] == ["admin", "beta", "internal"]
+    flags_before, _, audit_before = await _state(api)
+    refused = await api.patch("/admin/flags", json={"percent": 60}, headers=ADMIN)
+    assert (refused.status_code, refused.json()["code"]) == (409, "FORBIDDEN")
+    flags_after, _, audit_after = await _state(api)
+    assert (flags_after, audit_after) == (flags_before, audit_before)
+    killed = await api.patch("/admin/flags", json={"enabled": False}, headers=ADMIN)
+    assert killed.status_code == 200  # the kill switch always works
+    back = await api.post("/admin/rollout/rollback", json={"reason": "drill"}, headers=ADMIN)
+    assert back.status_code == 200, back.text
+    flags = (await api.get("/admin/flags", headers=ADMIN)).json()
+    assert (flags["percent"], flags["allowRoles"]) == (0, ["beta"])
+    assert (await api.patch("/admin/flags", json={"percent": 5}, headers=ADMIN)).is_success

@@ -207,11 +207,23 @@ async def test_backend_unreachable_and_fallback_off_rejects(redis_url: str) -> N
     env = {"CHAT_STREAMING_FALLBACK": "false"}
     async with running_bridge(redis_url, "http://127.0.0.1:9", TOKEN, env) as bridge:
         client, ack, _ = await _send(bridge)
+        failed = bridge.bridge.metrics.requests.labels(path="stream", ok="false")._value.get()
     assert ack == {
         "ok": False, "stage": "rejected", "requestId": ack["requestId"],
         "code": "BACKEND_UNAVAILABLE", "message": ack["message"],
     }  # fmt: skip
     assert client.events == []
+    assert failed == 1  # a failed send for the rollout's failed_sends gate
+
+
+async def test_a_refusal_for_the_users_reason_is_no_failed_send(
+    bridge: RunningBridge, fake: FakeBackend
+) -> None:
+    fake.script = Script(stream_status=429, stream_code="RATE_LIMITED", stream_retry_after="3")
+    _, ack, _ = await _send(bridge)
+    assert (ack["ok"], ack["code"]) == (False, "RATE_LIMITED")
+    metrics = bridge.bridge.metrics
+    assert metrics.requests.labels(path="stream", ok="false")._value.get() == 0
 
 
 async def test_no_first_chunk_within_timeout_falls_back(

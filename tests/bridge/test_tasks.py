@@ -17,7 +17,9 @@ from urllib.parse import parse_qs
 import pytest
 from redis.asyncio import Redis
 
-from bridge.tasks import CHANNEL, KEEP_S, MAX_PER_USER, TaskStore
+from backend_stream.settings import DEFAULT_TASK_TTL_S
+from bridge import tasks as bridge_tasks
+from bridge.tasks import CHANNEL, DELIVERED_KEEP_S, KEEP_S, MAX_PER_USER, TaskStore
 from contracts import ErrorCode, TaskOutcome, TaskState
 from tests.bridge.fake_backend import TOKEN, FakeBackend, Receive, Recorded, Scope, Send
 from tests.bridge.fake_backend import _json as reply_json
@@ -32,6 +34,7 @@ class TaskBackend(FakeBackend):
         super().__init__()
         self.refuse: tuple[int, str, str | None] | None = None  # (status, code, Retry-After)
         self.tasks: dict[str, dict[str, Any]] = {}
+        self.status_delay_s = 0.0  # before answering GET /chat/tasks/{id}
 
     def task_calls(self) -> list[Recorded]:
         return [r for r in self.requests if r.path.startswith("/chat/tasks")]
@@ -77,6 +80,8 @@ class TaskBackend(FakeBackend):
             reply = {"taskId": rid, "status": task["status"], "userMessage": user_message}
             return await reply_json(send, 202, reply)
         task_id = path.rsplit("/", 1)[-1]
+        if self.status_delay_s:
+            await asyncio.sleep(self.status_delay_s)
         task = self.tasks.get(task_id)
         if task is None or query.get("userId") != [task["userId"]]:
             return await reply_json(send, 404, {"code": "NOT_FOUND", "message": "no such task"})
@@ -375,6 +380,39 @@ async def test_a_task_the_backend_does_not_know_is_dropped_from_pending(
         assert (await alice.call("join_room", {"roomId": room}))["pendingTasks"] == []
 
 
+async def test_a_client_looping_join_room_starts_one_recovery_at_a_time_and_rarely(
+    pair: tuple[RunningBridge, ...], fake: TaskBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    one, _ = pair
+    room, alice_id = new_id("room"), new_id("alice")
+
+    def status_calls() -> int:
+        return len([r for r in fake.task_calls() if r.method == "GET"])
+
+    async with connected(one.url, alice_id) as alice:
+        assert (await alice.call("join_room", {"roomId": room}))["ok"] is True
+        rid = (await _batch(alice, room))["requestId"]  # queued: each join finds it unfinished
+        for _ in range(20):
+            assert (await alice.call("join_room", {"roomId": room}))["pendingTasks"] == [rid]
+        await asyncio.sleep(0.3)
+        assert status_calls() == 1  # one recovery per RECOVER_EVERY_S (10 s) per user
+        # a slow backend: one recovery in progress at a time, also past RECOVER_EVERY_S
+        monkeypatch.setattr(bridge_tasks, "RECOVER_EVERY_S", 0.2)
+        fake.status_delay_s = 2.0
+        for _ in range(10):
+            await alice.call("join_room", {"roomId": room})
+            await asyncio.sleep(0.05)
+        await _until(lambda: status_calls() >= 2)
+        await asyncio.sleep(0.3)
+        assert status_calls() == 2
+        fake.status_delay_s = 0.0
+        await _until(lambda: not one.bridge.tasks._recovering_users, 5)
+        await asyncio.sleep(0.25)
+        await alice.call("join_room", {"roomId": room})  # its time again
+        await _until(lambda: status_calls() == 3)
+    assert len(one.bridge.tasks._recovered_at) <= 1
+
+
 # ---- the store alone --------------------------------------------------------------------
 
 
@@ -406,5 +444,8 @@ async def test_the_store_is_bounded_and_expires(redis: Redis) -> None:
     assert await redis.zcard(f"bridge:tasks:{user}") == MAX_PER_USER
     unfinished, _ = await TaskStore(redis).at_join(user)
     assert unfinished == tasks[30:-10]  # the oldest dropped, the finished ones taken
-    for key in (f"bridge:tasks:{user}", f"bridge:task:delivered:{user}:{tasks[-1]}"):
-        assert 0 < await redis.ttl(key) <= KEEP_S
+    assert 0 < await redis.ttl(f"bridge:tasks:{user}") <= KEEP_S
+    # the delivery marker outlives the backend's task record: a requestId resent while the
+    # backend still has the ended task is not delivered again
+    marker_ttl = await redis.ttl(f"bridge:task:delivered:{user}:{tasks[-1]}")
+    assert DEFAULT_TASK_TTL_S < marker_ttl <= DELIVERED_KEEP_S

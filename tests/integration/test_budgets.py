@@ -63,7 +63,8 @@ async def test_a_spent_user_is_refused_with_retry_after_and_sees_its_usage(
         calls = _model_calls(backend_url)
         again = await client.call("send_message", {"roomId": room, "content": "one more"})
         assert _model_calls(backend_url) == calls  # refused before the model
-    assert spent >= BUDGET
+    # refused once the day's usage, or the prompt the room's history makes, leaves no room
+    assert spent > 0
     for ack in (rejected, again):
         assert (ack["ok"], ack["stage"], ack["code"]) == (False, "rejected", "BUDGET_EXCEEDED")
         assert abs(ack["retryAfterMs"] / 1000 - seconds_to_midnight()) <= 5
@@ -73,7 +74,8 @@ async def test_a_spent_user_is_refused_with_retry_after_and_sees_its_usage(
         body = mine.json()
         assert body["userId"] == user
         assert body["promptTokens"] + body["completionTokens"] == spent
-        assert body["budget"]["tokens"] == BUDGET and body["remaining"]["tokens"] == 0
+        assert body["budget"]["tokens"] == BUDGET
+        assert body["remaining"]["tokens"] == max(0, BUDGET - spent)  # nothing left reserved
         other = await http.get("/me/usage", headers={"Authorization": f"Bearer {token('x-1')}"})
         assert other.json()["userId"] == "x-1" and other.json()["completionTokens"] == 0
         assert (await http.get("/me/usage")).status_code == 401

@@ -4,7 +4,8 @@ queue spreads jobs over both and runs each once; a replica killed mid-job (SIGKI
 
 Real processes, a real Redis of this module's own (no other suite's backend works from its
 queue), and a real HTTP receiver for the webhook (aiohttp on loopback) that checks the
-``X-Signature-SHA256`` header of every delivery.
+``X-Signature-Timestamp`` and ``X-Signature-SHA256`` headers of every delivery (HMAC over
+``"{timestamp}." + body``; a timestamp more than ``MAX_SKEW_S`` away is refused: no replay).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import hashlib
 import hmac
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import httpx
@@ -35,6 +36,7 @@ TOKEN = "tasks-integration-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 SECRET = "webhook-secret-for-the-tests-0123456789"
 DONE_CHANNEL = "bs:tasks:done"
+MAX_SKEW_S = 300  # the receiver's tolerance for the signed timestamp (README: a few minutes)
 
 
 @pytest.fixture(scope="module")
@@ -86,33 +88,83 @@ async def redis(task_redis: EmbeddedRedis) -> AsyncIterator[Redis]:
 
 
 class Receiver:
-    """The webhook's receiver: refuses a bad signature (401), the first ``fail_first``
-    deliveries of each task (503), and accepts the rest."""
+    """The webhook's receiver: refuses a bad or stale signature (401), the first ``fail_first``
+    deliveries of each task (503), answers the first ``slow_first`` of the others slowly (a
+    200 trickled over ``slow_s``, a byte every 0.1 s: no read ever waits long), and accepts
+    the rest. A delivery counts as accepted once its whole answer went out."""
 
-    def __init__(self, fail_first: int = 0) -> None:
+    def __init__(self, fail_first: int = 0, slow_first: int = 0, slow_s: float = 0.0) -> None:
         self.fail_first = fail_first
+        self.slow_first = slow_first
+        self.slow_s = slow_s
         self.calls: list[tuple[str, float, bool, int]] = []  # taskId, at, signed, status
         self.accepted: dict[str, list[TaskOutcome]] = {}
+        self.received: list[tuple[dict[str, str], bytes]] = []  # each call's headers and body
+        self.took: list[float] = []  # how long each call was open, in order of their ends
+        self.open = 0
+        self.most_open = 0
 
-    async def handle(self, request: web.Request) -> web.Response:
-        raw = await request.read()
-        expected = hmac.new(SECRET.encode(), raw, hashlib.sha256).hexdigest()
-        signed = hmac.compare_digest(request.headers.get("X-Signature-SHA256", ""), expected)
-        outcome = TaskOutcome.model_validate_json(raw)
-        before = sum(1 for c in self.calls if c[0] == outcome.task_id)
-        status = 401 if not signed else 503 if before < self.fail_first else 200
-        self.calls.append((outcome.task_id, time.monotonic(), signed, status))
-        if status == 200:
-            self.accepted.setdefault(outcome.task_id, []).append(outcome)
-        return web.Response(status=status)
+    @staticmethod
+    def verify(headers: Mapping[str, str], raw: bytes, now: float) -> bool:
+        """What a receiver must check (backend_stream/README.md "Batch tasks"); ``headers``
+        with lower-case names."""
+        stamp = headers.get("x-signature-timestamp", "")
+        if not stamp.isdigit() or abs(now - int(stamp)) > MAX_SKEW_S:
+            return False
+        signed = f"{stamp}.".encode() + raw
+        expected = hmac.new(SECRET.encode(), signed, hashlib.sha256).hexdigest()
+        return hmac.compare_digest(headers.get("x-signature-sha256", ""), expected)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
+        self.open += 1
+        self.most_open = max(self.most_open, self.open)
+        try:
+            raw = await request.read()
+            headers = {name.lower(): value for name, value in request.headers.items()}
+            self.received.append((headers, raw))
+            signed = self.verify(headers, raw, time.time())
+            outcome = TaskOutcome.model_validate_json(raw)
+            before = sum(1 for c in self.calls if c[0] == outcome.task_id)
+            status = 401 if not signed else 503 if before < self.fail_first else 200
+            self.calls.append((outcome.task_id, time.monotonic(), signed, status))
+            slow = status == 200 and before - self.fail_first < self.slow_first
+            if not slow:
+                if status == 200:
+                    self.accepted.setdefault(outcome.task_id, []).append(outcome)
+                return web.Response(status=status)
+            resp = web.StreamResponse(status=200)
+            await resp.prepare(request)
+            if await self._trickle(request, resp):
+                self.accepted.setdefault(outcome.task_id, []).append(outcome)
+            return resp
+        finally:
+            self.open -= 1
+            self.took.append(time.monotonic() - started)
+
+    async def _trickle(self, request: web.Request, resp: web.StreamResponse) -> bool:
+        """Whether the whole slow answer went out (False: the sender hung up first)."""
+        deadline = time.monotonic() + self.slow_s
+        try:
+            while time.monotonic() < deadline:
+                if request.transport is None or request.transport.is_closing():
+                    return False
+                await resp.write(b" ")
+                await asyncio.sleep(0.1)
+            await resp.write_eof()
+        except ConnectionError:
+            return False
+        return True
 
     def calls_for(self, task_id: str) -> list[tuple[str, float, bool, int]]:
         return [c for c in self.calls if c[0] == task_id]
 
 
 @contextlib.asynccontextmanager
-async def receiver(port: int, fail_first: int = 0) -> AsyncIterator[Receiver]:
-    found = Receiver(fail_first)
+async def receiver(
+    port: int, fail_first: int = 0, slow_first: int = 0, slow_s: float = 0.0
+) -> AsyncIterator[Receiver]:
+    found = Receiver(fail_first, slow_first, slow_s)
     app = web.Application()
     app.router.add_post("/hook", found.handle)
     runner = web.AppRunner(app, access_log=None)
@@ -316,3 +368,37 @@ async def test_a_replica_stopped_mid_job_hands_it_over_at_once(
     assert took_s < 15, took_s  # 3 s of tokens after the hand-over, far from the 30 s idle
     assert [m["role"] for m in mine] == ["user", "assistant"]
     assert mine[1]["content"] == final["content"]
+
+
+async def test_a_slow_webhook_receiver_is_cut_off_and_never_posted_to_twice_at_once(
+    task_redis: EmbeddedRedis, redis: Redis, hook_port: int
+) -> None:
+    # TASK_WEBHOOK_TIMEOUT_S=0.5, so the delivery lease is 2 x 0.5 + 5 = 6 s. The first answer
+    # trickles for 9 s, each byte well inside httpx's per-read timeout: only a bound on the
+    # whole attempt cuts it at 0.5 s (then retried after ~1 s); without one, the lease lapses
+    # while the first post still waits and a second deliverer posts the same body meanwhile.
+    env = replica_env(task_redis.url, hook_port, TASK_WEBHOOK_TIMEOUT_S="0.5")
+    payload = task_body(f"room-{uuid.uuid4().hex[:8]}", "a quick one [[tokens=3]]")
+    rid = payload["requestId"]
+    with ServerProcess.python_module("backend_stream", env=env) as proc:
+        async with (
+            receiver(hook_port, slow_first=1, slow_s=9.0) as hook,
+            httpx.AsyncClient(base_url=proc.url, headers=AUTH, timeout=30) as client,
+        ):
+            await post(client, payload)
+            await until(lambda: rid in hook.accepted and hook.open == 0, 20)
+            await asyncio.sleep(0.5)  # nothing more comes
+    assert len(hook.accepted[rid]) == 1
+    assert hook.most_open == 1, "two deliveries of one body were open at once"
+    assert [(signed, status) for _, _, signed, status in hook.calls_for(rid)] == [
+        (True, 200), (True, 200),
+    ]  # fmt: skip
+    assert hook.took[0] < 3.0, hook.took  # the trickled answer was given up at ~0.5 s
+    assert [h["x-delivery-attempt"] for h, _ in hook.received] == ["1", "2"]
+    # the signature covers the timestamp: the same delivery replayed later is refused
+    headers, raw = hook.received[-1]
+    now = time.time()
+    assert Receiver.verify(headers, raw, now)
+    assert not Receiver.verify(headers, raw, now + MAX_SKEW_S + 1)
+    moved = {**headers, "x-signature-timestamp": str(int(headers["x-signature-timestamp"]) + 1)}
+    assert not Receiver.verify(moved, raw, now)
