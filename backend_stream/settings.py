@@ -10,7 +10,6 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import TypeVar
 from urllib.parse import urlsplit
 
 from contracts import DEFAULT_MAX_CONTENT_CHARS
@@ -119,9 +118,6 @@ def parse_prices(raw: str) -> dict[str, Price]:
             values.append(float(value))
         prices[str(model)] = Price(*values)
     return prices
-
-
-_N = TypeVar("_N", int, float)
 
 
 class ProviderName(StrEnum):
@@ -324,42 +320,22 @@ def _tasks(env: _Env, environ: Mapping[str, str]) -> TaskSettings:
                 f"{MIN_WEBHOOK_SECRET_CHARS} characters) to sign the deliveries"
             )
     return TaskSettings(
-        workers=_at_most("TASK_WORKERS", env.integer("TASK_WORKERS", DEFAULT_TASK_WORKERS), 256),
-        claim_idle_s=_at_most(
-            "TASK_CLAIM_IDLE_S",
-            env.number("TASK_CLAIM_IDLE_S", DEFAULT_TASK_CLAIM_IDLE_S, low=0.5),
-            3600,
-        ),
-        max_attempts=_at_most(
-            "TASK_MAX_ATTEMPTS",
-            env.integer("TASK_MAX_ATTEMPTS", DEFAULT_TASK_MAX_ATTEMPTS, low=1),
-            20,
-        ),
-        timeout_s=_at_most(
-            "TASK_TIMEOUT_S", env.number("TASK_TIMEOUT_S", DEFAULT_TASK_TIMEOUT_S, low=1), 86_400
-        ),
+        workers=env.integer("TASK_WORKERS", DEFAULT_TASK_WORKERS, high=256),
+        claim_idle_s=env.number("TASK_CLAIM_IDLE_S", DEFAULT_TASK_CLAIM_IDLE_S, low=0.5, high=3600),
+        max_attempts=env.integer("TASK_MAX_ATTEMPTS", DEFAULT_TASK_MAX_ATTEMPTS, low=1, high=20),
+        timeout_s=env.number("TASK_TIMEOUT_S", DEFAULT_TASK_TIMEOUT_S, low=1, high=86_400),
         ttl_s=env.integer("TASK_TTL_S", DEFAULT_TASK_TTL_S, low=60),
         queue_max=env.integer("TASK_QUEUE_MAX", DEFAULT_TASK_QUEUE_MAX, low=1),
         batch_max_tokens=env.integer("BATCH_MAX_TOKENS", DEFAULT_BATCH_MAX_TOKENS, low=1),
         webhook_url=url,
         webhook_secret=secret if url else "",  # only a webhook's deliveries are signed
-        webhook_max_attempts=_at_most(
-            "TASK_WEBHOOK_MAX_ATTEMPTS",
-            env.integer("TASK_WEBHOOK_MAX_ATTEMPTS", DEFAULT_TASK_WEBHOOK_MAX_ATTEMPTS, low=1),
-            20,
+        webhook_max_attempts=env.integer(
+            "TASK_WEBHOOK_MAX_ATTEMPTS", DEFAULT_TASK_WEBHOOK_MAX_ATTEMPTS, low=1, high=20
         ),
-        webhook_timeout_s=_at_most(
-            "TASK_WEBHOOK_TIMEOUT_S",
-            env.number("TASK_WEBHOOK_TIMEOUT_S", DEFAULT_TASK_WEBHOOK_TIMEOUT_S, low=0.1),
-            300,
+        webhook_timeout_s=env.number(
+            "TASK_WEBHOOK_TIMEOUT_S", DEFAULT_TASK_WEBHOOK_TIMEOUT_S, low=0.1, high=300
         ),
     )
-
-
-def _at_most(name: str, value: _N, high: float) -> _N:
-    if value > high:
-        raise SettingsError(f"{name} must be <= {high:g}")
-    return value
 
 
 class _Env:
@@ -376,7 +352,7 @@ class _Env:
     def optional_number(self, name: str) -> float | None:
         return None if self._raw(name) is None else self.number(name, 0.0)
 
-    def integer(self, name: str, default: int, *, low: int = 0) -> int:
+    def integer(self, name: str, default: int, *, low: int = 0, high: float = float("inf")) -> int:
         raw = self._raw(name)
         try:
             value = default if raw is None else int(raw)
@@ -384,9 +360,13 @@ class _Env:
             raise SettingsError(f"{name} must be an integer") from None
         if value < low:
             raise SettingsError(f"{name} must be >= {low}")
+        if value > high:
+            raise SettingsError(f"{name} must be <= {high:g}")
         return value
 
-    def number(self, name: str, default: float, *, low: float = 0.0) -> float:
+    def number(
+        self, name: str, default: float, *, low: float = 0.0, high: float = float("inf")
+    ) -> float:
         raw = self._raw(name)
         try:
             value = default if raw is None else float(raw)
@@ -394,6 +374,8 @@ class _Env:
             raise SettingsError(f"{name} must be a number") from None
         if not value >= low:  # also rejects NaN
             raise SettingsError(f"{name} must be >= {low}")
+        if value > high:
+            raise SettingsError(f"{name} must be <= {high:g}")
         return value
 
     def flag(self, name: str, default: bool) -> bool:
