@@ -51,7 +51,6 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Awaitable
 from contextlib import aclosing
 from typing import Any, cast
 
@@ -85,7 +84,7 @@ from contracts import (
     Usage,
     utc_now_iso,
 )
-from contracts.aio import cancel_and_wait
+from contracts.aio import awaited, cancel_and_wait
 
 log = structlog.get_logger("backend_stream.tasks")
 
@@ -337,11 +336,6 @@ def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-async def _aw(value: Any) -> Any:
-    """redis-py types some commands as ``Awaitable[T] | T``."""
-    return await cast(Awaitable[Any], value)
-
-
 def _flat(pairs: list[Any]) -> dict[str, str]:
     return dict(zip(pairs[::2], pairs[1::2], strict=True))
 
@@ -448,7 +442,7 @@ class TaskQueue:
         """Store the user message and queue the job, once per ``(userId, taskId)``; the same
         task again answers its current state (no second message, no second job)."""
         key = GenKey(req.user_id, req.request_id)
-        existing = cast(dict[str, str], await _aw(self._redis.hgetall(task_key(key))))
+        existing = cast(dict[str, str], await awaited(self._redis.hgetall(task_key(key))))
         if existing:
             return _accepted(req.request_id, existing)
         reserved = await self.admit(req)
@@ -501,7 +495,7 @@ class TaskQueue:
 
     async def status(self, user_id: str, task_id: str) -> TaskStatus | None:
         key = GenKey(user_id, task_id)
-        record = cast(dict[str, str], await _aw(self._redis.hgetall(task_key(key))))
+        record = cast(dict[str, str], await awaited(self._redis.hgetall(task_key(key))))
         return task_status(task_id, record) if record else None
 
     # ---- the workers ----------------------------------------------------------------------
@@ -613,7 +607,7 @@ class TaskQueue:
         return int(found[0]["times_delivered"]) if found else 0
 
     async def _crashed(self, entry_id: str, key: GenKey, message: str) -> None:
-        record = cast(dict[str, str], await _aw(self._redis.hgetall(task_key(key))))
+        record = cast(dict[str, str], await awaited(self._redis.hgetall(task_key(key))))
         if record.get("roomId") and record.get("state") not in FINISHED:
             await self._fail(entry_id, key, record, ErrorCode.INTERNAL, message)
         else:
@@ -639,7 +633,7 @@ class TaskQueue:
 
     async def _run(self, entry_id: str, key: GenKey) -> None:
         tkey = task_key(key)
-        record = cast(dict[str, str], await _aw(self._redis.hgetall(tkey)))
+        record = cast(dict[str, str], await awaited(self._redis.hgetall(tkey)))
         if not record or record.get("state") in FINISHED:
             await self._ack(entry_id)  # expired, or ended (the end acknowledges it)
             return
@@ -696,7 +690,7 @@ class TaskQueue:
             if starts and att.attached:  # it attached after all (free): the attempt goes back
                 attempts = int(await self._attempt(keys=[tkey], args=[self._s.max_attempts, -1]))
             elif not starts and not att.attached:  # it started after all (it became re-runnable)
-                attempts = int(await _aw(self._redis.hincrby(tkey, "attempts", 1)))
+                attempts = int(await awaited(self._redis.hincrby(tkey, "attempts", 1)))
             event = await self._terminal(att, remaining)
             if event is None:
                 if att.local is not None:
@@ -717,7 +711,7 @@ class TaskQueue:
                 await self._fail(entry_id, key, record, code, str(data.get("message", "")))
                 return
             last_code = code.value
-            await _aw(self._redis.hset(tkey, "lastCode", last_code))
+            await awaited(self._redis.hset(tkey, "lastCode", last_code))
             log.info("task_attempt_failed", taskId=key.request_id, code=code.value)
             pause_s = event.retry_after_s or RETRY_BACKOFF_S * 2 ** max(attempts - 1, 0)
             await asyncio.sleep(min(pause_s, RETRY_BACKOFF_MAX_S, max(remaining, 0.0)))
@@ -906,9 +900,9 @@ class WebhookDeliverer:
                 backoff_s = min(backoff_s * 2, LOOP_BACKOFF_MAX_S)
 
     async def _deliver(self, slug: str) -> None:
-        body, attempts = await _aw(self._redis.hmget(webhook_key(slug), ["body", "attempts"]))
+        body, attempts = await awaited(self._redis.hmget(webhook_key(slug), ["body", "attempts"]))
         if body is None:
-            await _aw(self._redis.zrem(WEBHOOK_QUEUE, slug))
+            await awaited(self._redis.zrem(WEBHOOK_QUEUE, slug))
             return
         attempt = int(attempts or 0) + 1
         raw = str(body).encode()
@@ -941,7 +935,7 @@ class WebhookDeliverer:
             self._metrics.task_webhooks.labels("delivered").inc()
             log.info("task_webhook_delivered", attempt=attempt)
             return
-        await _aw(self._redis.hset(webhook_key(slug), "attempts", attempt))
+        await awaited(self._redis.hset(webhook_key(slug), "attempts", attempt))
         if attempt >= self._max_attempts:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.zrem(WEBHOOK_QUEUE, slug)

@@ -21,16 +21,17 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from collections.abc import Callable
+from typing import Any
 
 import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from bridge.errors import StoreError
+from bridge.errors import store_errors
 from bridge.settings import BreakerSettings
 from contracts import ErrorCode
+from contracts.aio import awaited
 
 log = structlog.get_logger("bridge.breaker")
 
@@ -286,11 +287,6 @@ class Breaker:
 # ---- shared state in Redis ----------------------------------------------------------------
 
 
-async def _aw(value: Any) -> Any:
-    # redis-py types commands as ``Awaitable[T] | T``; on the asyncio client they await.
-    return await cast(Awaitable[Any], value)
-
-
 async def write_breaker(redis: Redis, breaker: Breaker) -> None:
     """Write ``breaker``'s snapshot (with ``at``, epoch seconds now) to ``bridge:breakers``.
     A Redis failure is logged, never raised: requests do not depend on it."""
@@ -309,7 +305,7 @@ async def write_breaker(redis: Redis, breaker: Breaker) -> None:
 async def remove_breaker(redis: Redis, replica_id: str) -> None:
     """A replica that stops takes its snapshot out (best effort: else it goes stale)."""
     try:
-        await _aw(redis.hdel(BREAKERS_KEY, replica_id))
+        await awaited(redis.hdel(BREAKERS_KEY, replica_id))
     except (RedisError, OSError) as exc:
         log.warning("breaker_remove_failed", replica=replica_id, error=type(exc).__name__)
 
@@ -318,10 +314,8 @@ async def read_breakers(redis: Redis, *, stale_s: float = 15.0) -> list[dict[str
     """Every replica's snapshot written in the last ``stale_s`` seconds, by replica id. Stale
     or unreadable fields (replicas gone) are deleted, the oldest ``MAX_STALE_DELETED`` per call.
     Raises ``StoreError`` when Redis cannot be read."""
-    try:
-        raw = await _aw(redis.hgetall(BREAKERS_KEY))
-    except (RedisError, OSError) as exc:
-        raise StoreError(f"breakers: redis unavailable ({type(exc).__name__})") from None
+    async with store_errors("breakers"):
+        raw = await awaited(redis.hgetall(BREAKERS_KEY))
     now = time.time()
     fresh: list[dict[str, Any]] = []
     stale: list[tuple[float, str, str]] = []
@@ -341,7 +335,7 @@ async def read_breakers(redis: Redis, *, stale_s: float = 15.0) -> list[dict[str
         stale.sort(key=lambda item: item[0])
         args = [part for _, name, text in stale[:MAX_STALE_DELETED] for part in (name, text)]
         try:
-            await _aw(redis.eval(DELETE_UNCHANGED_SCRIPT, 1, BREAKERS_KEY, *args))
+            await awaited(redis.eval(DELETE_UNCHANGED_SCRIPT, 1, BREAKERS_KEY, *args))
         except (RedisError, OSError) as exc:
             log.warning("breakers_cleanup_failed", error=type(exc).__name__)
     fresh.sort(key=lambda snapshot: str(snapshot.get("id", "")))

@@ -14,12 +14,13 @@ BridgeError
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import aiohttp
 import httpx
 import httpx_sse
+from redis.exceptions import RedisError
 
 from contracts import ContractError, ErrorCode
 
@@ -180,3 +181,12 @@ class SeqGap(UpstreamProtocolError):
 
 class StoreError(BridgeError):
     """Redis (rooms, rate limits, flags) could not be used."""
+
+
+@asynccontextmanager
+async def store_errors(what: str) -> AsyncIterator[None]:
+    """Redis failing inside the block (down, its pool exhausted) raises ``StoreError``."""
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise StoreError(f"{what}: redis unavailable ({type(exc).__name__})") from None

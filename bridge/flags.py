@@ -28,11 +28,11 @@ from typing import Any, cast
 
 import structlog
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
-from bridge.errors import StoreError
+from bridge.errors import StoreError, store_errors
 from bridge.settings import FlagDefaults, parse_bool, parse_names
 from contracts import utc_now_iso
+from contracts.aio import awaited
 
 log = structlog.get_logger("bridge.flags")
 
@@ -139,10 +139,8 @@ class FlagStore:
         self._refresh_s = refresh_s
 
     async def load(self) -> FlagDefaults:
-        try:
-            raw: dict[str, str] = await cast(Any, self._redis.hgetall(FLAGS_KEY))
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"flags: redis unavailable ({type(exc).__name__})") from None
+        async with store_errors("flags"):
+            raw: dict[str, str] = await awaited(self._redis.hgetall(FLAGS_KEY))
         flags = parse_overrides(raw, self.defaults)
         if flags != self.current:
             log.info("flags_changed", **describe(flags))
@@ -182,23 +180,18 @@ class FlagStore:
             "before": _changed(describe(before), checked),
             "after": _changed(describe(after), checked), "reason": reason,
         }  # fmt: skip
-        try:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hset(FLAGS_KEY, mapping=dict(checked.items()))
-                pipe.lpush(AUDIT_KEY, json.dumps(entry))
-                pipe.ltrim(AUDIT_KEY, 0, AUDIT_MAX - 1)
-                await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"flags: redis unavailable ({type(exc).__name__})") from None
+        async with store_errors("flags"), self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(FLAGS_KEY, mapping=dict(checked.items()))
+            pipe.lpush(AUDIT_KEY, json.dumps(entry))
+            pipe.ltrim(AUDIT_KEY, 0, AUDIT_MAX - 1)
+            await pipe.execute()
         log.info("flags_patched", actor=actor, fields=sorted(checked))
         return before, await self.load()
 
     async def audit(self, limit: int) -> list[dict[str, Any]]:
         """The newest ``limit`` audit entries (flag changes and rollout transitions)."""
-        try:
-            raw: list[str] = await cast(Any, self._redis.lrange(AUDIT_KEY, 0, limit - 1))
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"audit: redis unavailable ({type(exc).__name__})") from None
+        async with store_errors("audit"):
+            raw: list[str] = await awaited(self._redis.lrange(AUDIT_KEY, 0, limit - 1))
         entries = []
         for item in raw:
             try:

@@ -31,18 +31,19 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, cast
+from typing import Any
 
 import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from bridge.errors import StoreError
+from bridge.errors import StoreError, store_errors
 from bridge.flags import AUDIT_KEY, AUDIT_MAX, FLAGS_KEY, FlagStore, describe
 from bridge.gates import Prometheus, Window, blocking, failing, judge
 from bridge.settings import RolloutSettings
 from contracts import utc_now_iso
 from contracts.admin import DEFAULT_PLAN, Action, Gate, RolloutStart, RolloutState
+from contracts.aio import awaited
 
 log = structlog.get_logger("bridge.rollout")
 
@@ -239,10 +240,8 @@ class RolloutStore:
         self._apply = redis.register_script(APPLY_SCRIPT)
 
     async def load(self) -> Rollout:
-        try:
-            raw = await cast(Any, self._redis.get(ROLLOUT_KEY))
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"rollout: redis unavailable ({type(exc).__name__})") from None
+        async with store_errors("rollout"):
+            raw = await awaited(self._redis.get(ROLLOUT_KEY))
         try:
             return Rollout.from_json(raw)
         except (ValueError, KeyError, TypeError):
@@ -266,10 +265,8 @@ class RolloutStore:
         args.append(AUDIT_MAX)
         for name, value in change.flags.items():
             args += [name, value]
-        try:
+        async with store_errors("rollout"):
             applied = await self._apply(keys=[ROLLOUT_KEY, AUDIT_KEY, FLAGS_KEY], args=args)
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"rollout: redis unavailable ({type(exc).__name__})") from None
         if not applied:
             raise TransitionError(f"{action.value}: the rollout changed meanwhile, look again")
         log.info(

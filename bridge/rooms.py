@@ -28,15 +28,13 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
-from bridge.errors import StoreError
+from bridge.errors import store_errors
+from contracts.aio import awaited
 
 PREFIX = "bridge:"
 HEARTBEAT_TTL_S = 15
@@ -144,20 +142,6 @@ class InFlight:
     started_at: float
 
 
-@asynccontextmanager
-async def _store(what: str) -> AsyncIterator[None]:
-    try:
-        yield
-    except (RedisError, OSError) as exc:
-        raise StoreError(f"{what}: redis unavailable ({type(exc).__name__})") from None
-
-
-async def _aw(value: Any) -> Any:
-    # redis-py types commands as ``Awaitable[T] | T`` (sync and async share stubs); on the
-    # asyncio client they always await.
-    return await cast(Awaitable[Any], value)
-
-
 class RoomRegistry:
     """Owners, presence, in-flight generations and rate limits of the rooms."""
 
@@ -205,7 +189,7 @@ class RoomRegistry:
         args: list[str | int] = [
             user_id, self.host_id, self._room_ttl_s, HOSTS_TTL_S, "1" if granted else "0"
         ]  # fmt: skip
-        async with _store("join room"):
+        async with store_errors("join room"):
             owner, allowed = await self._join(keys=keys, args=args)
         owner = str(owner)
         if len(self._owners) >= OWNER_CACHE_MAX:
@@ -222,14 +206,14 @@ class RoomRegistry:
         args: list[str | int] = [
             user_id, self.host_id, op, f"{room}:online:", f"{PREFIX}host:", HOSTS_TTL_S
         ]  # fmt: skip
-        async with _store("presence"):
+        async with store_errors("presence"):
             others, users, remote = await self._presence(keys=keys, args=args)
         return Presence(bool(others), sorted(str(u) for u in users), bool(remote))
 
     async def may_read(self, room_id: str, user_id: str, *, granted: bool = False) -> bool | None:
         """Whether ``user_id`` may read the room (owner, added member, or ``granted``), without
         claiming it; None when nobody owns it."""
-        async with _store("read room"):
+        async with store_errors("read room"):
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.get(f"{PREFIX}room:{room_id}:owner")
                 pipe.sismember(f"{PREFIX}room:{room_id}:members", user_id)
@@ -245,15 +229,15 @@ class RoomRegistry:
         the room."""
         keys = [f"{PREFIX}room:{room_id}:owner", f"{PREFIX}room:{room_id}:members"]
         args = [owner_id, member_id, "add" if add else "remove", self._room_ttl_s]
-        async with _store("change member"):
+        async with store_errors("change member"):
             members = await self._members(keys=keys, args=args)
         if members is None:
             return None
         return sorted(str(m) for m in members)
 
     async def member_count(self, room_id: str) -> int:
-        async with _store("count members"):
-            return int(await _aw(self._redis.scard(f"{PREFIX}room:{room_id}:members")))
+        async with store_errors("count members"):
+            return int(await awaited(self._redis.scard(f"{PREFIX}room:{room_id}:members")))
 
     async def rate_limited(self, user_id: str) -> int | None:
         """Fixed-window rate limit per user, shared by every replica: None when this message
@@ -263,7 +247,7 @@ class RoomRegistry:
         now = time.time()
         window = int(now // self._rate_window_s)
         key = f"{PREFIX}rate:{user_id}:{window}"
-        async with _store("rate limit"):
+        async with store_errors("rate limit"):
             pipe = self._redis.pipeline(transaction=False)
             pipe.incr(key)
             pipe.expire(key, self._rate_window_s + 1)
@@ -284,7 +268,7 @@ class RoomRegistry:
         now = time.monotonic()
         owners = now - self._owners_refreshed_at >= self._owner_refresh_s
         due = [r for r, at in self._present.items() if owners or now - at >= ROOM_REFRESH_S]
-        async with _store("heartbeat"):
+        async with store_errors("heartbeat"):
             was_alive = await self._rearm(due)
             if not was_alive and len(due) < len(self._present):
                 chosen = set(due)
@@ -317,7 +301,7 @@ class RoomRegistry:
         return bool(first)
 
     async def retire(self, rooms: list[str]) -> None:
-        async with _store("retire"):
+        async with store_errors("retire"):
             pipe = self._redis.pipeline(transaction=False)
             pipe.delete(f"{PREFIX}host:{self.host_id}")
             for room_id in rooms:
@@ -327,13 +311,13 @@ class RoomRegistry:
 
     async def absent(self, room_id: str) -> None:
         self._present.pop(room_id, None)
-        async with _store("presence"):
-            await _aw(self._redis.srem(f"{PREFIX}room:{room_id}:hosts", self.host_id))
+        async with store_errors("presence"):
+            await awaited(self._redis.srem(f"{PREFIX}room:{room_id}:hosts", self.host_id))
 
     async def present(self, room_id: str) -> None:
         """Record this replica in the room's hosts set again (see ``ChatHandlers._absent``)."""
         hosts = f"{PREFIX}room:{room_id}:hosts"
-        async with _store("presence"):
+        async with store_errors("presence"):
             pipe = self._redis.pipeline(transaction=False)
             pipe.sadd(hosts, self.host_id)
             pipe.expire(hosts, HOSTS_TTL_S)
@@ -341,8 +325,8 @@ class RoomRegistry:
         self._present[room_id] = time.monotonic()
 
     async def has_remote_members(self, room_id: str) -> bool:
-        async with _store("presence"):
-            hosts = await _aw(self._redis.smembers(f"{PREFIX}room:{room_id}:hosts"))
+        async with store_errors("presence"):
+            hosts = await awaited(self._redis.smembers(f"{PREFIX}room:{room_id}:hosts"))
             return await self._any_alive(room_id, hosts)
 
     async def _any_alive(self, room_id: str, hosts: Any) -> bool:
@@ -352,7 +336,7 @@ class RoomRegistry:
         alive = await self._redis.mget([f"{PREFIX}host:{h}" for h in others])
         dead = [h for h, beat in zip(others, alive, strict=True) if beat is None]
         if dead:
-            await _aw(self._redis.srem(f"{PREFIX}room:{room_id}:hosts", *dead))
+            await awaited(self._redis.srem(f"{PREFIX}room:{room_id}:hosts", *dead))
         return len(dead) < len(others)
 
     # ---- in-flight generations ------------------------------------------------------------
@@ -361,7 +345,7 @@ class RoomRegistry:
         """Record a generation in flight; return whether other replicas have room members."""
         key = f"{PREFIX}room:{room_id}:inflight"
         record = json.dumps({"userId": user_id, "messageId": message_id, "startedAt": time.time()})
-        async with _store("begin"):
+        async with store_errors("begin"):
             pipe = self._redis.pipeline(transaction=False)
             pipe.hset(key, request_id, record)
             pipe.expire(key, self._inflight_ttl_s)
@@ -371,12 +355,12 @@ class RoomRegistry:
             return await self._any_alive(room_id, hosts)
 
     async def finish(self, room_id: str, request_id: str) -> None:
-        async with _store("finish"):
-            await _aw(self._redis.hdel(f"{PREFIX}room:{room_id}:inflight", request_id))
+        async with store_errors("finish"):
+            await awaited(self._redis.hdel(f"{PREFIX}room:{room_id}:inflight", request_id))
 
     async def in_flight(self, room_id: str) -> list[InFlight]:
-        async with _store("in flight"):
-            raw = await _aw(self._redis.hgetall(f"{PREFIX}room:{room_id}:inflight"))
+        async with store_errors("in flight"):
+            raw = await awaited(self._redis.hgetall(f"{PREFIX}room:{room_id}:inflight"))
         oldest = time.time() - self._inflight_ttl_s
         found = []
         for request_id, value in raw.items():

@@ -37,16 +37,13 @@ import asyncio
 import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable
-from contextlib import asynccontextmanager
-from typing import Any, cast
 
 import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bridge import payloads
-from bridge.errors import StoreError, UpstreamError, UpstreamHttpError
+from bridge.errors import StoreError, UpstreamError, UpstreamHttpError, store_errors
 from bridge.metrics import Metrics
 from bridge.payloads import Payload
 from bridge.sio import SocketServer
@@ -67,6 +64,7 @@ from contracts import (
     parse_json,
     utc_now_iso,
 )
+from contracts.aio import awaited
 
 log = structlog.get_logger("bridge.tasks")
 
@@ -171,18 +169,6 @@ return {unfinished, all}
 """
 
 
-@asynccontextmanager
-async def _store(what: str) -> AsyncIterator[None]:
-    try:
-        yield
-    except (RedisError, OSError) as exc:
-        raise StoreError(f"{what}: redis unavailable ({type(exc).__name__})") from None
-
-
-async def _aw(value: Any) -> Any:
-    return await cast(Awaitable[Any], value)
-
-
 def _set_key(user_id: str) -> str:
     return f"{PREFIX}tasks:{user_id}"
 
@@ -210,17 +196,17 @@ class TaskStore:
         args: list[str | int | float] = [
             task, outcome.wire_json(), time.time(), KEEP_S, MAX_PER_USER
         ]  # fmt: skip
-        async with _store("restore task outcome"):
+        async with store_errors("restore task outcome"):
             await self._restore(keys=[_set_key(user), _outcomes_key(user)], args=args)
 
     async def track(self, user_id: str, task_id: str) -> None:
         keys = [_set_key(user_id), _outcomes_key(user_id)]
-        async with _store("track task"):
+        async with store_errors("track task"):
             await self._track(keys=keys, args=[task_id, time.time(), KEEP_S, MAX_PER_USER])
 
     async def untrack(self, user_id: str, task_id: str) -> None:
-        async with _store("untrack task"):
-            await _aw(self._redis.zrem(_set_key(user_id), task_id))
+        async with store_errors("untrack task"):
+            await awaited(self._redis.zrem(_set_key(user_id), task_id))
 
     async def record(self, outcome: TaskOutcome) -> bool:
         """Whether this caller is the one that delivers ``outcome`` (see ``RECORD_SCRIPT``)."""
@@ -229,12 +215,12 @@ class TaskStore:
         args: list[str | int | float] = [
             task, outcome.wire_json(), time.time(), KEEP_S, MAX_PER_USER, DELIVERED_KEEP_S
         ]  # fmt: skip
-        async with _store("record task outcome"):
+        async with store_errors("record task outcome"):
             return bool(await self._record(keys=keys, args=args))
 
     async def delivered(self, user_id: str, task_id: str) -> None:
         """A socket of the user was sent the outcome live: it is no longer undelivered."""
-        async with _store("task delivered"):
+        async with store_errors("task delivered"):
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hdel(_outcomes_key(user_id), task_id)
                 pipe.zrem(_set_key(user_id), task_id)
@@ -242,7 +228,7 @@ class TaskStore:
 
     async def at_join(self, user_id: str) -> tuple[list[str], list[TaskOutcome]]:
         """The user's unfinished tasks, and the undelivered outcomes, taken (see JOIN_SCRIPT)."""
-        async with _store("tasks at join"):
+        async with store_errors("tasks at join"):
             unfinished, flat = await self._join(keys=[_set_key(user_id), _outcomes_key(user_id)])
         taken = []
         for raw in flat[1::2]:

@@ -1,4 +1,4 @@
-"""Stopping background tasks for good: one helper both services use at shutdown.
+"""Async plumbing both services use: stopping background tasks for good, and awaiting redis-py.
 
 It lives in ``contracts`` because that is the one package both services may import (like
 ``contracts.redis_server``); it is process plumbing, not wire format.
@@ -16,8 +16,8 @@ So cancel again until the task has really ended, within a deadline.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Awaitable, Iterable
+from typing import Any, cast
 
 RECANCEL_INTERVAL_S = 0.05
 
@@ -42,3 +42,9 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], timeout_s: float) 
             if not task.cancelled():
                 task.exception()
     return set(pending)
+
+
+async def awaited(value: Any) -> Any:
+    """Await a redis-py command: its stubs type many as ``Awaitable[T] | T`` (the sync and the
+    async client share them); on the asyncio client they always await."""
+    return await cast(Awaitable[Any], value)

@@ -25,6 +25,7 @@ from tests.bridge.fake_backend import TOKEN, FakeBackend, Receive, Recorded, Sco
 from tests.bridge.fake_backend import _json as reply_json
 from tests.bridge.fake_backend import _read_body as read_body
 from tests.bridge.harness import Client, RunningBridge, connected, new_id, running_bridge
+from tests.support.tasks import roles, task_of
 
 
 class TaskBackend(FakeBackend):
@@ -118,22 +119,6 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
-def _of(client: Client, event: str, task_id: str) -> list[Any]:
-    """``event``s of one task on one socket (``new_message`` by its requestId)."""
-    found = []
-    for name, data in client.events:
-        if name != event or not isinstance(data, dict):
-            continue
-        rid = data.get("taskId") or (data.get("message") or {}).get("requestId")
-        if rid == task_id:
-            found.append(data)
-    return found
-
-
-def _roles(client: Client, task_id: str) -> list[str]:
-    return [m["message"]["role"] for m in _of(client, "new_message", task_id)]
-
-
 async def _until(predicate: Any, wait_s: float = 10.0) -> None:
     deadline = time.monotonic() + wait_s
     while not predicate():
@@ -208,7 +193,7 @@ async def test_an_online_sender_and_a_member_on_two_replicas_get_each_event_once
             "messageId": None, "path": "batch", "taskId": rid,
         }  # fmt: skip
         for client in (a1, a2, bob):  # the user's message, at once, on both replicas
-            await _until(lambda c=client: _roles(c, rid) == ["user"], 3)
+            await _until(lambda c=client: roles(c, rid) == ["user"], 3)
         joined = await a2.call("join_room", {"roomId": room})
         assert joined["pendingTasks"] == [rid]
         outcome = json.dumps(fake.finish(rid))
@@ -216,18 +201,18 @@ async def test_an_online_sender_and_a_member_on_two_replicas_get_each_event_once
         for _ in range(2):
             await redis.publish(CHANNEL, outcome)
         for client in (a1, a2, elsewhere):
-            await _until(lambda c=client: len(_of(c, "task_done", rid)) == 1)
-        await _until(lambda: _roles(bob, rid) == ["user", "assistant"])
+            await _until(lambda c=client: len(task_of(c, "task_done", rid)) == 1)
+        await _until(lambda: roles(bob, rid) == ["user", "assistant"])
         await asyncio.sleep(0.5)
         for client in (a1, a2, bob):
-            assert _roles(client, rid) == ["user", "assistant"], client.names()
-        assert _roles(elsewhere, rid) == []
+            assert roles(client, rid) == ["user", "assistant"], client.names()
+        assert roles(elsewhere, rid) == []
         for client in (a1, a2, elsewhere):
-            assert _of(client, "task_done", rid) == [
+            assert task_of(client, "task_done", rid) == [
                 {"taskId": rid, "roomId": room, "messageId": f"a-{rid}", "ok": True}
             ]
-        assert _of(bob, "task_done", rid) == []
-        (reply,) = [m for m in _of(bob, "new_message", rid) if m["message"]["role"] != "user"]
+        assert task_of(bob, "task_done", rid) == []
+        (reply,) = [m for m in task_of(bob, "new_message", rid) if m["message"]["role"] != "user"]
         assert reply["message"]["content"] == "the long answer"
         # delivered live (queued on open sockets): a later join, or a new socket, is not
         # told again
@@ -240,8 +225,8 @@ async def test_an_online_sender_and_a_member_on_two_replicas_get_each_event_once
         async with connected(one.url, alice_id) as later:
             assert (await later.call("join_room", {"roomId": room}))["pendingTasks"] == []
             await asyncio.sleep(0.3)
-            assert _of(later, "task_done", rid) == []
-        assert len(_of(a1, "task_done", rid)) == 1
+            assert task_of(later, "task_done", rid) == []
+        assert len(task_of(a1, "task_done", rid)) == 1
         assert await redis.exists(f"bridge:task:delivered:{alice_id}:{rid}") == 1
         assert await redis.zscore(f"bridge:tasks:{alice_id}", rid) is None
 
@@ -256,24 +241,26 @@ async def test_an_offline_sender_gets_the_outcome_once_on_the_next_join(
             await _share(alice, room, (bob, bob_id))
             ack = await _batch(alice, room)
             rid = ack["requestId"]
-            await _until(lambda: _roles(alice, rid) == ["user"], 3)
+            await _until(lambda: roles(alice, rid) == ["user"], 3)
         await redis.publish(CHANNEL, json.dumps(fake.finish(rid)))
-        await _until(lambda: _roles(bob, rid) == ["user", "assistant"])  # the room, live
+        await _until(lambda: roles(bob, rid) == ["user", "assistant"])  # the room, live
         assert await redis.hexists(f"bridge:tasks:{alice_id}:outcomes", rid)
         # back, on the other replica, in another room first: the outcome, once, after the ack
         other = new_id("room")
         async with connected(two.url, alice_id) as back, connected(two.url, alice_id) as tab:
             joined = await back.call("join_room", {"roomId": other})
             assert joined["ok"] is True and joined["pendingTasks"] == []
-            await _until(lambda: len(_of(back, "task_done", rid)) == 1)
-            assert _of(back, "new_message", rid) == []  # not in the task's room
+            await _until(lambda: len(task_of(back, "task_done", rid)) == 1)
+            assert task_of(back, "new_message", rid) == []  # not in the task's room
             again = await back.call("join_room", {"roomId": room})
             assert again["pendingTasks"] == []
             assert (await tab.call("join_room", {"roomId": room}))["ok"] is True
             await asyncio.sleep(0.5)
-            assert len(_of(back, "task_done", rid)) == 1 and _of(tab, "task_done", rid) == []
+            assert (
+                len(task_of(back, "task_done", rid)) == 1 and task_of(tab, "task_done", rid) == []
+            )
         assert await redis.hlen(f"bridge:tasks:{alice_id}:outcomes") == 0
-        assert _roles(bob, rid) == ["user", "assistant"]
+        assert roles(bob, rid) == ["user", "assistant"]
 
 
 async def test_an_offline_sender_joining_the_tasks_room_gets_the_answer_too(
@@ -291,8 +278,8 @@ async def test_an_offline_sender_joining_the_tasks_room_gets_the_answer_too(
         await asyncio.sleep(0.02)
     async with connected(two.url, alice_id) as back:
         assert (await back.call("join_room", {"roomId": room}))["pendingTasks"] == []
-        await _until(lambda: len(_of(back, "task_done", rid)) == 1)
-        assert _roles(back, rid) == ["assistant"]
+        await _until(lambda: len(task_of(back, "task_done", rid)) == 1)
+        assert roles(back, rid) == ["assistant"]
         names = [n for n, d in back.events if n in ("new_message", "task_done")]
         assert names == ["new_message", "task_done"]  # the answer, then its task_done
 
@@ -310,17 +297,17 @@ async def test_an_outcome_no_replica_heard_is_delivered_on_join(
         async with connected(one.url, alice_id) as back:
             joined = await back.call("join_room", {"roomId": room})
             assert joined["pendingTasks"] == [rid]  # unfinished as far as the bridge knew
-            await _until(lambda: len(_of(back, "task_done", rid)) == 1)
-            assert _roles(back, rid) == ["assistant"]
-            await _until(lambda: _roles(bob, rid) == ["user", "assistant"])
+            await _until(lambda: len(task_of(back, "task_done", rid)) == 1)
+            assert roles(back, rid) == ["assistant"]
+            await _until(lambda: roles(bob, rid) == ["user", "assistant"])
             assert (await back.call("join_room", {"roomId": room}))["pendingTasks"] == []
             await asyncio.sleep(0.3)
-            assert len(_of(back, "task_done", rid)) == 1
-            assert _roles(bob, rid).count("assistant") == 1
+            assert len(task_of(back, "task_done", rid)) == 1
+            assert roles(bob, rid).count("assistant") == 1
         # published late after all: nothing more
         await redis.publish(CHANNEL, json.dumps(fake.finish(rid)))
         await asyncio.sleep(0.3)
-        assert _roles(bob, rid) == ["user", "assistant"]
+        assert roles(bob, rid) == ["user", "assistant"]
 
 
 async def test_a_resent_request_id_of_an_ended_task_tells_that_socket_again(
@@ -334,16 +321,16 @@ async def test_a_resent_request_id_of_an_ended_task_tells_that_socket_again(
         rid = ack["requestId"]
         await redis.publish(CHANNEL, json.dumps(fake.finish(rid)))
         for client in (a1, a2):
-            await _until(lambda c=client: len(_of(c, "task_done", rid)) == 1)
+            await _until(lambda c=client: len(task_of(c, "task_done", rid)) == 1)
         again = await a2.call(
             "send_message",
             {"roomId": room, "content": "explain it at length", "requestId": rid, "mode": "batch"},
         )
         assert again["ok"] is True and again["taskId"] == rid
-        await _until(lambda: len(_of(a2, "task_done", rid)) == 2)
+        await _until(lambda: len(task_of(a2, "task_done", rid)) == 2)
         await asyncio.sleep(0.3)
-        assert len(_of(a1, "task_done", rid)) == 1  # only the socket that asked again
-        assert _roles(a1, rid).count("assistant") == 1  # the answer is not sent twice
+        assert len(task_of(a1, "task_done", rid)) == 1  # only the socket that asked again
+        assert roles(a1, rid).count("assistant") == 1  # the answer is not sent twice
         assert len([t for t in fake.task_calls() if t.method == "POST"]) == 2
 
 
@@ -358,12 +345,12 @@ async def test_a_failed_task_is_a_task_done_with_its_code_and_no_answer(
         failed = {"taskId": rid, "userId": alice_id, "roomId": room, "status": "failed",
                   "code": "MODEL_TIMEOUT"}  # fmt: skip
         await redis.publish(CHANNEL, json.dumps(failed))
-        await _until(lambda: len(_of(alice, "task_done", rid)) == 1)
-        assert _of(alice, "task_done", rid) == [
+        await _until(lambda: len(task_of(alice, "task_done", rid)) == 1)
+        assert task_of(alice, "task_done", rid) == [
             {"taskId": rid, "roomId": room, "messageId": None, "ok": False,
              "code": "MODEL_TIMEOUT"}
         ]  # fmt: skip
-        assert _roles(alice, rid) == ["user"]
+        assert roles(alice, rid) == ["user"]
 
 
 async def test_a_task_the_backend_does_not_know_is_dropped_from_pending(

@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from tests.bridge.harness import Client, connected, new_id, token
 from tests.integration.conftest import BACKEND_TOKEN
 from tests.support.procs import ServerProcess
+from tests.support.tasks import roles, task_of
 
 # ~2 s of generation at 20 tokens/s: long enough to disconnect, peek and leave while it runs
 SLOW = "[[tps=20]] [[tokens=40]] a detailed answer, please"
@@ -25,22 +26,6 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
     client = Redis.from_url(redis_url, decode_responses=True)
     yield client
     await client.aclose()
-
-
-def task_of(client: Client, event: str, task_id: str) -> list[Any]:
-    """``event``s of one task on one socket (``new_message`` by its requestId)."""
-    found = []
-    for name, data in client.events:
-        if name != event or not isinstance(data, dict):
-            continue
-        rid = data.get("taskId") or (data.get("message") or {}).get("requestId")
-        if rid == task_id:
-            found.append(data)
-    return found
-
-
-def roles(client: Client, task_id: str) -> list[str]:
-    return [m["message"]["role"] for m in task_of(client, "new_message", task_id)]
 
 
 async def until(predicate: Any, wait_s: float = 30.0, what: str = "condition") -> None:

@@ -12,16 +12,9 @@ import time
 
 from tests.bridge.harness import connected, new_id
 from tests.integration.conftest import bridge_env
-from tests.integration.test_batch import (
-    SLOW,
-    backend_task,
-    history,
-    roles,
-    send_batch,
-    task_of,
-    until,
-)
+from tests.integration.test_batch import SLOW, backend_task, history, send_batch, until
 from tests.support.procs import ServerProcess
+from tests.support.tasks import roles, task_of
 
 
 async def test_an_outcome_published_while_no_bridge_ran_is_delivered_on_the_next_join(
