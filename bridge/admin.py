@@ -30,7 +30,7 @@ from redis.asyncio import Redis
 
 from bridge.auth import Authenticator, AuthError, Identity
 from bridge.errors import StoreError
-from bridge.flags import FlagStore
+from bridge.flags import FIELDS, FlagStore
 from bridge.gates import blocking
 from bridge.rest import reply_json
 from bridge.rollout import Controller, RolloutStore, TransitionError, flags_view
@@ -57,7 +57,6 @@ ADMIN_ROLE = "admin"
 MAX_BODY_BYTES = 64 * 1024
 BODY_TIMEOUT_S = 5.0
 AUDIT_DEFAULT, AUDIT_LIMIT = 50, 1000
-LIST_FIELDS = {"allow_users": "allowUsers", "allow_roles": "allowRoles", "deny_users": "denyUsers"}
 
 
 class HttpError(Exception):
@@ -140,7 +139,7 @@ class AdminApi:
     async def _patch_flags(self, data: object, ident: Identity) -> Any:
         patch = _parse(FlagsPatch, data)
         changes: dict[str, str] = {}
-        for name in ("enabled", "percent", "allow_users", "allow_roles", "deny_users", "fallback"):
+        for name in FIELDS:
             value = getattr(patch, name)
             if value is None:
                 continue

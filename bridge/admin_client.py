@@ -30,13 +30,12 @@ from typing import Any
 import httpx
 
 from bridge.auth import make_token
-from bridge.flags import validate_changes
+from bridge.flags import WIRE_NAMES, validate_changes
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 TIMEOUT_S = 10.0
 CLI_TOKEN_TTL_S = 300
 ROLLOUT_ACTIONS = ("status", "start", "promote", "pause", "resume", "rollback")
-CAMEL = {"allow_users": "allowUsers", "allow_roles": "allowRoles", "deny_users": "denyUsers"}
 
 
 class UsageError(Exception):
@@ -133,7 +132,7 @@ def flags_body(pairs: Sequence[str], reason: str | None) -> dict[str, Any]:
         elif name == "percent":
             body[name] = float(value)
         else:
-            body[CAMEL[name]] = [v for v in value.split(",") if v]
+            body[WIRE_NAMES[name]] = [v for v in value.split(",") if v]
     return body
 
 

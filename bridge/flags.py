@@ -43,6 +43,11 @@ BUCKETS = 10_000
 BUCKET_SALT = b"chat-streaming:"
 MAX_BACKOFF_S = 5.0
 FIELDS = ("enabled", "percent", "allow_users", "allow_roles", "deny_users", "fallback")
+# each field's name on the operators' API (CONTRACT.md section 4: camelCase)
+WIRE_NAMES = {
+    "enabled": "enabled", "percent": "percent", "allow_users": "allowUsers",
+    "allow_roles": "allowRoles", "deny_users": "denyUsers", "fallback": "fallback",
+}  # fmt: skip
 
 
 def bucket(user_id: str) -> int:
@@ -177,8 +182,7 @@ class FlagStore:
         after = parse_overrides(checked, before)
         entry = {
             "at": utc_now_iso(), "actor": actor, "action": "flags",
-            "before": _changed(describe(before), checked),
-            "after": _changed(describe(after), checked), "reason": reason,
+            "before": wire(before, checked), "after": wire(after, checked), "reason": reason,
         }  # fmt: skip
         async with store_errors("flags"), self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(FLAGS_KEY, mapping=dict(checked.items()))
@@ -201,7 +205,7 @@ class FlagStore:
         return entries
 
 
-def _changed(flags: Mapping[str, object], fields: Mapping[str, str]) -> dict[str, object]:
-    """The camelCase values of ``fields`` in ``flags`` (an audit entry's before / after)."""
-    names = {"allow_users": "allowUsers", "allow_roles": "allowRoles", "deny_users": "denyUsers"}
-    return {names.get(name, name): flags[name] for name in fields}
+def wire(flags: FlagDefaults, fields: Iterable[str] = FIELDS) -> dict[str, object]:
+    """``fields`` of ``flags`` by their API names (the views, an audit entry's before / after)."""
+    described = describe(flags)
+    return {WIRE_NAMES[name]: described[name] for name in fields}

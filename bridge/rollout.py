@@ -29,7 +29,6 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -38,7 +37,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bridge.errors import StoreError, store_errors
-from bridge.flags import AUDIT_KEY, AUDIT_MAX, FLAGS_KEY, FlagStore, describe
+from bridge.flags import AUDIT_KEY, AUDIT_MAX, FLAGS_KEY, FlagStore, wire
 from bridge.gates import Prometheus, Window, blocking, failing, judge
 from bridge.settings import RolloutSettings
 from contracts import utc_now_iso
@@ -378,12 +377,4 @@ class Controller:
 
 
 def flags_view(store: FlagStore) -> dict[str, Any]:
-    return {**_camel(describe(store.current)), "defaults": _camel(describe(store.defaults))}
-
-
-def _camel(flags: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "enabled": flags["enabled"], "percent": flags["percent"],
-        "allowUsers": flags["allow_users"], "allowRoles": flags["allow_roles"],
-        "denyUsers": flags["deny_users"], "fallback": flags["fallback"],
-    }  # fmt: skip
+    return {**wire(store.current), "defaults": wire(store.defaults)}
